@@ -1,0 +1,184 @@
+r"""The factors of one KWNG step: basis, W, Q, K and T (SPEC §1.1).
+
+Given samples :math:`X_n = h_\theta(Z_n) \in \mathbb{R}^d`, a basis of M
+sample points :math:`Y_m = X_{n_m}` with one coordinate :math:`i_m` each, and a
+kernel :math:`k`:
+
+* :math:`W[m, n, r] = \partial_{y_r}\partial_{x_{i_m}} k(x, y)` at
+  :math:`x = Y_m, y = X_n` (:func:`cross_derivatives`);
+* :math:`Q = \frac1N \sum_n W[:, n, :]\,W[:, n, :]^\top`
+  (:func:`basis_gradient_gram`);
+* :math:`K[m, m'] = \partial_{x_{i_m}}\partial_{y_{i_{m'}}} k(Y_m, Y_{m'})`,
+  the RKHS Gram of the basis functions (:func:`basis_rkhs_gram`);
+* :math:`T[m] = \sum_{n} (W[m, n] / N)^\top \partial_\theta X_n`, the M
+  vector–Jacobian products (:func:`jacobian_factor`), from one ``jax.vjp``
+  of the sample function and one ``jax.vmap`` over the M cotangents.
+
+All derivatives of the kernel come from JAX autodiff of the scalar kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from kwng_jax import kernels as kernels_lib
+
+PyTree = Any
+
+
+def as_sample_matrix(samples: jax.Array) -> jax.Array:
+  """Flattens samples of shape ``(N, ...)`` to ``(N, d)``; ``(N,)`` gives d = 1.
+
+  Raises:
+    ValueError: for a scalar, which holds no batch of samples.
+  """
+  if samples.ndim == 0:
+    raise ValueError(
+        'outputs_fn must return samples with a leading batch axis, shape '
+        '(N, ...); it returned a scalar.'
+    )
+  return samples.reshape(samples.shape[0], -1)
+
+
+def select_basis(
+    num_samples: int, dim: int, num_basis: int, *, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Draws M distinct sample indices and one random coordinate for each.
+
+  Args:
+    num_samples: N, the number of samples.
+    dim: d, the dimension of one (flattened) sample.
+    num_basis: M, the number of basis functions; at most N.
+    key: a PRNG key.
+
+  Returns:
+    ``(indices, coords)``, two int32 arrays of shape ``(M,)``: distinct
+    indices into the samples, and coordinates in ``[0, d)``.
+
+  Raises:
+    ValueError: if ``num_basis`` exceeds the number of samples.
+
+  Example:
+    >>> import jax
+    >>> from kwng_jax import factors
+    >>> idx, coords = factors.select_basis(128, 10, 5, key=jax.random.key(0))
+    >>> idx.shape, coords.shape
+    ((5,), (5,))
+  """
+  check_num_basis(num_basis, num_samples)
+  index_key, coord_key = jax.random.split(key)
+  indices = jax.random.choice(
+      index_key, num_samples, shape=(num_basis,), replace=False
+  )
+  coords = jax.random.randint(coord_key, (num_basis,), 0, dim)
+  return indices.astype(jnp.int32), coords.astype(jnp.int32)
+
+
+def check_num_basis(num_basis: int, num_samples: int) -> None:
+  """Raises a ValueError unless ``1 <= num_basis <= num_samples``."""
+  if not 1 <= num_basis <= num_samples:
+    raise ValueError(
+        f'num_basis={num_basis} must be between 1 and the batch size '
+        f'N={num_samples} (the leading axis of what outputs_fn returns): the '
+        'basis points are distinct samples. Lower num_basis or use a larger '
+        'batch.'
+    )
+
+
+def cross_derivatives(
+    kernel: kernels_lib.Kernel,
+    basis: jax.Array,
+    basis_coords: jax.Array,
+    samples: jax.Array,
+    bandwidth: jax.Array,
+) -> jax.Array:
+  r"""The tensor :math:`W[m, n, r] = \partial_{y_r}\partial_{x_{i_m}} k(Y_m, X_n)`.
+
+  The inner derivative is a forward-mode ``jax.jvp`` along the basis
+  coordinate, the outer one a ``jax.grad`` in ``y``; both are vmapped, so a
+  user kernel needs nothing but its scalar definition.
+
+  Args:
+    kernel: a scalar function ``k(x, y, bandwidth)``.
+    basis: basis points :math:`Y`, shape ``(M, d)``.
+    basis_coords: the coordinate :math:`i_m` of each basis point, ``(M,)``.
+    samples: points :math:`X`, shape ``(N, d)``.
+    bandwidth: the scalar bandwidth passed to the kernel.
+
+  Returns:
+    W, shape ``(M, N, d)``.
+  """
+  dim = basis.shape[-1]
+
+  def directional(x, coord, y):
+    direction = jax.nn.one_hot(coord, dim, dtype=x.dtype)
+    return jax.jvp(lambda x_: kernel(x_, y, bandwidth), (x,), (direction,))[1]
+
+  cross = jax.grad(directional, argnums=2)
+  over_samples = jax.vmap(cross, in_axes=(None, None, 0))
+  return jax.vmap(over_samples, in_axes=(0, 0, None))(
+      basis, basis_coords, samples
+  )
+
+
+def basis_gradient_gram(cross: jax.Array) -> jax.Array:
+  r""":math:`Q = \frac1N\sum_n W[:, n, :]\,W[:, n, :]^\top`, shape ``(M, M)``.
+
+  The Gram matrix of the gradient fields of the basis functions in
+  :math:`L^2` of the samples.
+  """
+  num_samples = cross.shape[1]
+  return jnp.einsum('mnr,knr->mk', cross, cross) / num_samples
+
+
+def basis_rkhs_gram(
+    kernel: kernels_lib.Kernel,
+    basis: jax.Array,
+    basis_coords: jax.Array,
+    bandwidth: jax.Array,
+) -> jax.Array:
+  r""":math:`K[m, m'] = \partial_{x_{i_m}}\partial_{y_{i_{m'}}} k(Y_m, Y_{m'})`.
+
+  The RKHS Gram matrix of the basis functions, used by the ridge estimator
+  (SPEC §1.3). Symmetrized, since roundoff in autodiff breaks the exact
+  symmetry a symmetric kernel has.
+
+  Returns:
+    K, shape ``(M, M)``.
+  """
+  cross = cross_derivatives(kernel, basis, basis_coords, basis, bandwidth)
+  gram = jnp.take_along_axis(cross, basis_coords[None, :, None], axis=2)[..., 0]
+  return 0.5 * (gram + gram.T)
+
+
+def jacobian_factor(
+    vjp_fn: Callable[[jax.Array], tuple[PyTree]],
+    cross: jax.Array,
+    samples_shape: tuple[int, ...],
+    samples_dtype: jnp.dtype,
+) -> PyTree:
+  r"""T: row m is the VJP of the sample function with cotangent ``W[m] / N``.
+
+  One ``jax.vmap`` over the M cotangents of one ``jax.vjp``: the backward
+  pass is batched, not repeated M times.
+
+  Args:
+    vjp_fn: the VJP function that ``jax.vjp(outputs_fn, params)`` returned.
+    cross: W, shape ``(M, N, d)``.
+    samples_shape: the shape ``(N, ...)`` of what ``outputs_fn`` returned.
+    samples_dtype: its dtype; the cotangents are cast to it.
+
+  Returns:
+    T as a pytree shaped like the params with a leading axis of size M.
+  """
+  num_basis, num_samples = cross.shape[:2]
+  cotangents = (cross / num_samples).astype(samples_dtype)
+  cotangents = cotangents.reshape((num_basis,) + tuple(samples_shape))
+  (jacobian,) = jax.vmap(vjp_fn)(cotangents)
+  return jacobian
+

@@ -1,0 +1,219 @@
+r"""Solves of the KWNG estimator: whitening, damping, and the M×M system.
+
+Both estimators of SPEC §1.2–1.3 share one shape. With a Gram matrix
+:math:`G = Q + \lambda K` (:math:`\lambda = 0`: ridgeless) and its
+eigendecomposition :math:`G = U S U^\top`, the whitened factor
+
+.. math:: \tilde T = S^{-1/2} U^\top T
+
+(rows of dropped eigenvalues set to zero) gives
+:math:`\tilde T^\top \tilde T = T^\top G^{+} T`, and the direction is
+
+.. math::
+   \hat g = (\tilde T^\top \tilde T + \epsilon D^{-1})^{-1} g
+          = \frac{1}{\epsilon} D \left(g - \tilde T^\top
+            (\tilde T D \tilde T^\top + \epsilon I_M)^{-1} \tilde T D g\right)
+
+by the Woodbury identity, so only an M×M system is solved. When G is
+invertible this equals the ridge form
+:math:`\frac1\epsilon D(g - T^\top(T D T^\top + \epsilon G)^{-1} T D g)`.
+
+Everything that does not depend on :math:`\epsilon` or :math:`g` (the
+whitened factor, D, and :math:`\tilde T D \tilde T^\top`) is computed once by
+:func:`whitened_jacobian`, :func:`damping_diagonal` and
+:func:`damped_gram`, so it can be reused across steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+PyTree = Any
+
+#: The damping matrices D of SPEC §1.2.
+DAMPINGS = ('reference', 'squared', 'identity')
+
+#: Added to column norms so that a parameter the samples do not depend on
+#: gets a large but finite damping (the published constant).
+DAMPING_OFFSET = 1e-8
+
+
+def check_damping(damping: str) -> None:
+  """Raises a ValueError naming the valid dampings unless ``damping`` is one."""
+  if damping not in DAMPINGS:
+    raise ValueError(
+        f'Unknown damping={damping!r}; valid values are {list(DAMPINGS)}.'
+    )
+
+
+def small_matrix_dtype() -> jnp.dtype:
+  """float64 when x64 is enabled, else float32: the dtype of M×M solves."""
+  return jnp.float64 if jax.config.read('jax_enable_x64') else jnp.float32
+
+
+def at_least_float32(*dtypes: jnp.dtype) -> jnp.dtype:
+  """The widest of the given float dtypes, and at least float32.
+
+  Written out rather than ``jnp.result_type`` so that it also holds under
+  ``jax_numpy_dtype_promotion='strict'``.
+  """
+  widths = [jnp.finfo(d).bits for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+  return jnp.float64 if max(widths, default=32) > 32 else jnp.float32
+
+
+def factor_dtype(tree: PyTree) -> jnp.dtype:
+  """The dtype M×P factors are held in: the params' widest, at least float32."""
+  return at_least_float32(*(jnp.asarray(x).dtype for x in jax.tree.leaves(tree)))
+
+
+def whitened_jacobian(
+    jacobian: PyTree, gram: jax.Array, rcond: float | None = None
+) -> tuple[PyTree, jax.Array]:
+  r"""Returns :math:`\tilde T = S^{-1/2} U^\top T` and the number of kept modes.
+
+  Args:
+    jacobian: T, a pytree whose leaves have a leading axis of size M.
+    gram: the symmetric positive semi-definite M×M matrix :math:`G` (Q for
+      the ridgeless estimator, :math:`Q + \lambda K` for the ridge one).
+    rcond: eigenvalues at most ``rcond`` times the largest are dropped
+      (their rows of :math:`\tilde T` are zero). Default: M times the
+      machine epsilon of the solve dtype.
+
+  Returns:
+    ``(whitened, effective_rank)``: :math:`\tilde T`, same structure as
+    ``jacobian`` in at least float32, and the int32 count of kept eigenvalues.
+  """
+  dtype = small_matrix_dtype()
+  num_basis = gram.shape[0]
+  if rcond is None:
+    rcond = num_basis * float(jnp.finfo(dtype).eps)
+  gram = gram.astype(dtype)
+  eigvals, eigvecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+  # A Gram of all-zero fields (identical samples) has largest eigenvalue 0:
+  # the strict inequality then keeps nothing and T̃ is zero, not NaN.
+  keep = eigvals > rcond * jnp.max(eigvals)
+  inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, eigvals, 1.0)), 0.0)
+  mixing = inv_sqrt[:, None] * eigvecs.T
+  leaf_dtype = factor_dtype(jacobian)
+
+  def mix(t):
+    return jnp.tensordot(mixing.astype(leaf_dtype), t.astype(leaf_dtype), axes=1)
+
+  whitened = jax.tree.map(mix, jacobian)
+  return whitened, jnp.sum(keep, dtype=jnp.int32)
+
+
+def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
+  r"""The diagonal damping D, a pytree shaped like one row of ``whitened``.
+
+  * ``'reference'``: :math:`D_j = 1 / (\|\tilde T_{:, j}\|_2 + 10^{-8})`, the
+    column norms of the WHITENED factor, as the published implementation;
+  * ``'squared'``: :math:`D_j = 1 / (\|\tilde T_{:, j}\|_2^2 + 10^{-8})`,
+    covariant under a rescaling :math:`\theta_j \to a\theta_j`;
+  * ``'identity'``: :math:`D = 1`.
+
+  Args:
+    whitened: :math:`\tilde T`, leaves with a leading axis of size M.
+    damping: one of :data:`DAMPINGS`.
+
+  Returns:
+    D, same structure as the params, in the dtype of ``whitened``.
+  """
+  check_damping(damping)
+
+  def diagonal(t):
+    squared_norm = jnp.sum(jnp.square(t), axis=0)
+    if damping == 'reference':
+      return 1.0 / (jnp.sqrt(squared_norm) + DAMPING_OFFSET)
+    if damping == 'squared':
+      return 1.0 / (squared_norm + DAMPING_OFFSET)
+    return jnp.ones_like(squared_norm)
+
+  return jax.tree.map(diagonal, whitened)
+
+
+def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Sums ``a[m, ...] * b[k, ...]`` over the trailing axes: shape (M, K)."""
+  axes = tuple(range(1, a.ndim))
+  return jnp.tensordot(a, b, axes=(axes, axes))
+
+
+def damped_gram(whitened: PyTree, damping: PyTree) -> jax.Array:
+  r""":math:`\tilde T D \tilde T^\top`, the M×M matrix of the Woodbury solve."""
+  dtype = small_matrix_dtype()
+  terms = jax.tree.map(
+      lambda t, d: _contract(t * d[None], t).astype(dtype), whitened, damping
+  )
+  return sum(jax.tree.leaves(terms))
+
+
+def solve_psd(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Solves ``matrix @ x = rhs`` for a symmetric positive definite matrix.
+
+  Cholesky first; if roundoff made the factorisation fail (non-finite
+  result), a clipped eigendecomposition takes over, so the answer is finite.
+  """
+  cholesky = jsl.cho_factor(matrix, lower=True)
+  solution = jsl.cho_solve(cholesky, rhs)
+
+  def eigen_solve():
+    eigvals, eigvecs = jnp.linalg.eigh(matrix)
+    tiny = jnp.finfo(matrix.dtype).tiny
+    inverse = jnp.where(eigvals > tiny, 1.0 / jnp.maximum(eigvals, tiny), 0.0)
+    return eigvecs @ (inverse * (eigvecs.T @ rhs))
+
+  return jax.lax.cond(
+      jnp.all(jnp.isfinite(solution)), lambda: solution, eigen_solve
+  )
+
+
+def damped_natural_gradient(
+    grads: PyTree,
+    whitened: PyTree,
+    damping: PyTree,
+    gram: jax.Array,
+    epsilon: jax.Array,
+) -> PyTree:
+  r"""The Woodbury solve :math:`(\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g`.
+
+  .. math::
+     \hat g = \frac{1}{\epsilon} D \left(g - \tilde T^\top
+       (\tilde T D \tilde T^\top + \epsilon I_M)^{-1} \tilde T D g\right)
+
+  Args:
+    grads: g, a pytree.
+    whitened: :math:`\tilde T`, leaves shaped like ``grads`` with a leading
+      axis of size M.
+    damping: D, shaped like ``grads``.
+    gram: :math:`\tilde T D \tilde T^\top` from :func:`damped_gram`.
+    epsilon: :math:`\epsilon > 0`.
+
+  Returns:
+    :math:`\hat g`, shaped like ``grads``, each leaf in its own dtype.
+  """
+  dtype = small_matrix_dtype()
+  leaf_dtype = factor_dtype(whitened)
+  epsilon = jnp.asarray(epsilon).astype(dtype)
+  num_basis = gram.shape[0]
+  damped_grads = jax.tree.map(
+      lambda g, d: g.astype(leaf_dtype) * d, grads, damping
+  )
+  projections = jax.tree.map(
+      lambda t, dg: jnp.tensordot(t, dg, axes=dg.ndim).astype(dtype),
+      whitened,
+      damped_grads,
+  )
+  rhs = sum(jax.tree.leaves(projections))
+  system = gram.astype(dtype) + epsilon * jnp.eye(num_basis, dtype=dtype)
+  coefficients = solve_psd(system, rhs).astype(leaf_dtype)
+  inv_epsilon = (1.0 / epsilon).astype(leaf_dtype)
+
+  def direction(g, t, d):
+    residual = g.astype(leaf_dtype) - jnp.tensordot(coefficients, t, axes=1)
+    return (inv_epsilon * d * residual).astype(g.dtype)
+
+  return jax.tree.map(direction, grads, whitened, damping)
