@@ -26,6 +26,15 @@ def enable_x64():
     jax.config.update('jax_enable_x64', previous)
 
 
+@pytest.fixture
+def standard_promotion():
+  """Standard dtype promotion, for tests that run third-party code (optax's
+  Adam bias correction, MultiSteps) that strict promotion rejects; kwng_jax's
+  own code is checked under strict promotion everywhere else."""
+  with jax.numpy_dtype_promotion('standard'):
+    yield
+
+
 def mlp_apply(params, inputs):
   """A two-layer tanh MLP: the small model the estimator tests differentiate."""
   hidden = jax.numpy.tanh(inputs @ params['w1'] + params['b1'][None, :])
