@@ -1,5 +1,7 @@
 """kwng_jax: the Kernelized Wasserstein Natural Gradient for JAX and Optax."""
 
+from kwng_jax import datasets
+from kwng_jax import exact
 from kwng_jax import factors
 from kwng_jax import kernels
 from kwng_jax import solve
