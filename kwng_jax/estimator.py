@@ -279,7 +279,7 @@ def natural_gradient(
     >>> import kwng_jax
     >>> z = jax.random.normal(jax.random.key(0), (256, 2))
     >>> params = {'mu': jnp.zeros(2), 'a': jnp.eye(2)}
-    >>> outputs_fn = lambda p: p['mu'] + z @ p['a'].T
+    >>> outputs_fn = lambda p: p['mu'][None, :] + z @ p['a'].T
     >>> grads = {'mu': jnp.ones(2), 'a': jnp.eye(2)}
     >>> direction, info = kwng_jax.natural_gradient(
     ...     grads, outputs_fn, params, key=jax.random.key(1), num_basis=16)
