@@ -4,6 +4,7 @@ from kwng_jax import datasets
 from kwng_jax import exact
 from kwng_jax import factors
 from kwng_jax import kernels
+from kwng_jax import sharding
 from kwng_jax import solve
 from kwng_jax.alias import kwng
 from kwng_jax.damping import adaptive_damping

@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from kwng_jax import kernels as kernels_lib
+from kwng_jax import sharding
 
 PyTree = Any
 
@@ -130,10 +130,20 @@ def basis_gradient_gram(cross: jax.Array) -> jax.Array:
   r""":math:`Q = \frac1N\sum_n W[:, n, :]\,W[:, n, :]^\top`, shape ``(M, M)``.
 
   The Gram matrix of the gradient fields of the basis functions in
-  :math:`L^2` of the samples.
+  :math:`L^2` of the samples. With the batch sharded over an explicit mesh
+  the sum runs over a sharded axis; the (small) result is replicated. Full
+  float32 precision: GPUs would otherwise round the products to TF32, and
+  the whitening by :math:`Q^{-1/2}` amplifies that error.
   """
   num_samples = cross.shape[1]
-  return jnp.einsum('mnr,knr->mk', cross, cross) / num_samples
+  gram = jnp.einsum(
+      'mnr,knr->mk',
+      cross,
+      cross,
+      precision=jax.lax.Precision.HIGHEST,
+      out_sharding=sharding.replicated(),
+  )
+  return gram / num_samples
 
 
 def basis_rkhs_gram(
@@ -162,23 +172,35 @@ def jacobian_factor(
     samples_shape: tuple[int, ...],
     samples_dtype: jnp.dtype,
 ) -> PyTree:
-  r"""T: row m is the VJP of the sample function with cotangent ``W[m] / N``.
+  r"""T: row m is the VJP of the sample function with cotangent ``W[m] / n``.
 
   One ``jax.vmap`` over the M cotangents of one ``jax.vjp``: the backward
-  pass is batched, not repeated M times.
+  pass is batched, not repeated M times. When W covers only the first
+  ``n < N`` samples (T from a subsample), the cotangents are zero on the
+  others: the numbers are those of a VJP over n samples, the cost that of N
+  (pass a function of the n samples alone to ``jax.vjp`` for the saving).
 
   Args:
     vjp_fn: the VJP function that ``jax.vjp(outputs_fn, params)`` returned.
-    cross: W, shape ``(M, N, d)``.
-    samples_shape: the shape ``(N, ...)`` of what ``outputs_fn`` returned.
+    cross: W, shape ``(M, n, d)``, for the first n of the samples.
+    samples_shape: the shape ``(N, ...)`` of what ``outputs_fn`` returned,
+      ``N >= n``.
     samples_dtype: its dtype; the cotangents are cast to it.
 
   Returns:
     T as a pytree shaped like the params with a leading axis of size M.
   """
-  num_basis, num_samples = cross.shape[:2]
-  cotangents = (cross / num_samples).astype(samples_dtype)
+  num_basis, num_rows = cross.shape[:2]
+  num_samples = samples_shape[0]
+  if num_rows > num_samples:
+    raise ValueError(
+        f'W covers {num_rows} samples but outputs_fn returned {num_samples}.'
+    )
+  cotangents = (cross / num_rows).astype(samples_dtype)
+  if num_rows < num_samples:
+    cotangents = jnp.pad(
+        cotangents, ((0, 0), (0, num_samples - num_rows), (0, 0))
+    )
   cotangents = cotangents.reshape((num_basis,) + tuple(samples_shape))
   (jacobian,) = jax.vmap(vjp_fn)(cotangents)
   return jacobian
-

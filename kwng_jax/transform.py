@@ -17,6 +17,7 @@ import optax
 
 from kwng_jax import estimator
 from kwng_jax import kernels as kernels_lib
+from kwng_jax import sharding
 from kwng_jax import solve
 
 PyTree = Any
@@ -36,11 +37,17 @@ class ScaleByKWNGState(NamedTuple):
       (changed by :func:`kwng_jax.adaptive_damping`, or by hand with
       ``optax.tree_utils.tree_set``).
     kwng_info: the :class:`kwng_jax.KWNGInfo` diagnostics of the last update.
+    kwng_preconditioner: with ``update_every > 1``, the
+      :class:`kwng_jax.Preconditioner` (:math:`\tilde T`, D,
+      :math:`\tilde T D \tilde T^\top`) reused between rebuilds; its
+      ``finite_samples`` is False until the first build. None (no leaves)
+      with ``update_every=1``, so the default state stays a few scalars.
   """
 
   kwng_count: jax.Array
   kwng_epsilon: jax.Array
   kwng_info: estimator.KWNGInfo
+  kwng_preconditioner: estimator.Preconditioner | None = None
 
 
 def scale_by_kwng(
@@ -54,6 +61,9 @@ def scale_by_kwng(
     ridge: float = 0.0,
     rcond: float | None = None,
     seed: int = 0,
+    update_every: int | None = None,
+    jacobian_samples: int | None = None,
+    jacobian_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions updates with the kernelized Wasserstein natural gradient.
 
@@ -69,9 +79,30 @@ def scale_by_kwng(
   ``state.kwng_info.finite_inputs`` is False, so parameters never turn NaN.
 
   Its ``update(updates, state, params, *, outputs_fn, value=None,
-  **extra_args)`` needs ``params`` and the keyword ``outputs_fn``, a function
-  ``params -> samples`` of shape ``(N, ...)`` (a classifier's logits for the
-  batch); other extra arguments are ignored.
+  jacobian_outputs_fn=None, **extra_args)`` needs ``params`` and the keyword
+  ``outputs_fn``, a function ``params -> samples`` of shape ``(N, ...)`` (a
+  classifier's logits for the batch); other extra arguments are ignored.
+
+  Amortizing the cost. Almost all of KWNG's extra work is building
+  :math:`\tilde T` and D (M vector–Jacobian products over the batch); the
+  solve with g is an M×M system. Three options cut the building cost:
+
+  * ``update_every=k``: build the basis, :math:`\tilde T` and D at steps
+    0, k, 2k, … (under ``jax.lax.cond``, so the other steps skip the VJPs)
+    and reuse them with the current g and :math:`\epsilon` in between. The
+    state then holds them: :math:`(M + 1) P` numbers plus an M×M matrix. A
+    build whose samples were not finite is redone at the next step.
+  * ``jacobian_samples=n``: W, Q and T from the first n samples of the batch
+    (basis and bandwidth from all of it). For the speed gain pass
+    ``jacobian_outputs_fn=lambda p: model(p, x[:n])`` to the update, so the
+    VJPs run on n samples; without it the result is the same and the cost
+    that of the whole batch.
+  * ``jacobian_dtype=jnp.bfloat16``: the VJPs run on params cast to it
+    (``outputs_fn`` must compute in its params' dtype); the samples, the
+    kernel, the whitening and the M×M solve stay in at least float32.
+
+  Their measured accuracy cost and speed gain are in the README (produced
+  by ``benchmarks/amortization.py``).
 
   Args:
     num_basis: M, the number of basis functions; at most the batch size.
@@ -85,6 +116,12 @@ def scale_by_kwng(
     rcond: relative eigenvalue threshold of the whitening.
     seed: seed of the basis draws; keys are derived from it and the step
       count, so the state holds no key.
+    update_every: k >= 1; rebuild the preconditioner every k steps (None or
+      1: every step, nothing stored). A Python int: it fixes what the state
+      holds. Under ``optax.inject_hyperparams``, name it in ``static_args``
+      (with ``num_basis``); its default None is left alone there.
+    jacobian_samples: n; compute W, Q and T from the first n samples.
+    jacobian_dtype: dtype of the VJPs that give T, e.g. ``jnp.bfloat16``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -111,16 +148,42 @@ def scale_by_kwng(
   kernels_lib.resolve_kernel(kernel)
   if isinstance(epsilon, (int, float)) and not epsilon > 0:
     raise ValueError(f'epsilon={epsilon!r} must be positive.')
+  if update_every is None:
+    update_every = 1
+  if isinstance(update_every, jax.Array):
+    raise ValueError(
+        f'update_every={update_every!r} must be a Python int: it decides what '
+        'the optimizer state stores. With optax.inject_hyperparams, list it in '
+        "static_args=('num_basis', 'update_every')."
+    )
+  if not (isinstance(update_every, int) and update_every >= 1):
+    raise ValueError(
+        f'update_every={update_every!r} must be a positive integer number of '
+        'steps (1 rebuilds the preconditioner at every step).'
+    )
+  # Raises the ValueErrors of bad jacobian_* options at construction.
+  estimator.check_jacobian_options(jacobian_samples, jacobian_dtype, None)
 
   def init_fn(params):
-    del params
+    stored = None
+    if update_every > 1:
+      stored = estimator.Preconditioner.empty(params, num_basis)
     return ScaleByKWNGState(
         kwng_count=jnp.zeros((), jnp.int32),
         kwng_epsilon=jnp.asarray(epsilon, jnp.float32),
         kwng_info=estimator.KWNGInfo.empty(),
+        kwng_preconditioner=stored,
     )
 
-  def update_fn(updates, state, params=None, *, outputs_fn=None, **extra_args):
+  def update_fn(
+      updates,
+      state,
+      params=None,
+      *,
+      outputs_fn=None,
+      jacobian_outputs_fn=None,
+      **extra_args,
+  ):
     del extra_args
     if outputs_fn is None:
       raise ValueError(
@@ -128,30 +191,70 @@ def scale_by_kwng(
           'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)), '
           'a function params -> samples of shape (N, ...).'
       )
-    key = jax.random.fold_in(jax.random.key(seed), state.kwng_count)
-    direction, info = estimator.natural_gradient(
-        updates,
-        outputs_fn,
-        params,
-        key=key,
-        num_basis=num_basis,
-        epsilon=state.kwng_epsilon,
-        kernel=kernel,
-        bandwidth=bandwidth,
-        log_bandwidth=log_bandwidth,
-        damping=damping,
-        ridge=ridge,
-        rcond=rcond,
+
+    def build():
+      # The key is derived inside, so that steps reusing stored factors skip
+      # the hash too.
+      key = jax.random.fold_in(jax.random.key(seed), state.kwng_count)
+      return estimator.build_preconditioner(
+          outputs_fn,
+          params,
+          key=key,
+          num_basis=num_basis,
+          kernel=kernel,
+          bandwidth=bandwidth,
+          log_bandwidth=log_bandwidth,
+          damping=damping,
+          ridge=ridge,
+          rcond=rcond,
+          jacobian_samples=jacobian_samples,
+          jacobian_dtype=jacobian_dtype,
+          jacobian_outputs_fn=jacobian_outputs_fn,
+      )
+
+    stored = state.kwng_preconditioner
+    if stored is None:
+      preconditioner = build()
+    else:
+      stored = _pin_shardings(stored, params)
+      # A placeholder, or factors built from non-finite samples, are rebuilt.
+      rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
+      preconditioner = jax.lax.cond(
+          rebuild,
+          lambda: _pin_shardings(_cast_like(build(), stored), params),
+          lambda: stored,
+      )
+    direction, info = estimator.apply_preconditioner(
+        preconditioner, updates, state.kwng_epsilon
     )
     direction = safe_direction(updates, direction, info)
     new_state = ScaleByKWNGState(
         kwng_count=optax.safe_increment(state.kwng_count),
         kwng_epsilon=state.kwng_epsilon,
         kwng_info=info,
+        kwng_preconditioner=None if stored is None else preconditioner,
     )
     return direction, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _cast_like(
+    preconditioner: estimator.Preconditioner, stored: estimator.Preconditioner
+) -> estimator.Preconditioner:
+  # Both branches of the lax.cond must have one type; the dtypes already
+  # agree for the default dtypes, this holds them to it (x64 toggled, say).
+  return jax.tree.map(lambda x, s: x.astype(s.dtype), preconditioner, stored)
+
+
+def _pin_shardings(
+    preconditioner: estimator.Preconditioner, params: PyTree
+) -> estimator.Preconditioner:
+  """Gives stored and fresh factors the sharding of the params (explicit mesh)."""
+  return preconditioner._replace(
+      whitened=sharding.with_leading_axis(preconditioner.whitened, params),
+      damping=sharding.like(preconditioner.damping, params),
+  )
 
 
 def safe_direction(
