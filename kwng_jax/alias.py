@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optax
 
 from kwng_jax import damping as damping_lib
@@ -23,6 +25,9 @@ def kwng(
     ridge: float = 0.0,
     rcond: float | None = None,
     seed: int = 0,
+    update_every: int | None = None,
+    jacobian_samples: int | None = None,
+    jacobian_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The published KWNG optimizer, as an Optax chain.
 
@@ -46,6 +51,12 @@ def kwng(
     ridge: see :func:`kwng_jax.scale_by_kwng`.
     rcond: see :func:`kwng_jax.scale_by_kwng`.
     seed: see :func:`kwng_jax.scale_by_kwng`.
+    update_every: rebuild the factors every this many steps (None: every
+      step); see :func:`kwng_jax.scale_by_kwng`.
+    jacobian_samples: compute T on this many samples; see
+      :func:`kwng_jax.scale_by_kwng`.
+    jacobian_dtype: dtype of the vector–Jacobian products; see
+      :func:`kwng_jax.scale_by_kwng`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -82,6 +93,9 @@ def kwng(
           ridge=ridge,
           rcond=rcond,
           seed=seed,
+          update_every=update_every,
+          jacobian_samples=jacobian_samples,
+          jacobian_dtype=jacobian_dtype,
       )
   ]
   if max_norm is not None:

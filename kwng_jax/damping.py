@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from kwng_jax import sharding
+
 PyTree = Any
 
 #: Name of the state field of :func:`kwng_jax.scale_by_kwng` that is adapted.
@@ -121,13 +123,13 @@ def adaptive_damping(
           'the wrapped transformation holds none: wrap a chain that contains '
           'scale_by_kwng.'
       )
-    zero = jnp.zeros((), jnp.float32)
+    # A fresh array per field, so that the state can be donated to jit.
     return AdaptiveDampingState(
         inner_state=inner_state,
         damping_count=jnp.zeros((), jnp.int32),
-        damping_previous_loss=zero,
-        damping_predicted_decrease=zero,
-        damping_best_ratio=zero,
+        damping_previous_loss=jnp.zeros((), jnp.float32),
+        damping_predicted_decrease=jnp.zeros((), jnp.float32),
+        damping_best_ratio=jnp.zeros((), jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -163,10 +165,8 @@ def adaptive_damping(
     new_updates, inner_state = inner.update(
         updates, inner_state, params, value=value, **extra_args
     )
-    predicted_decrease = -otu.tree_vdot(
-        otu.tree_cast(updates, jnp.float32),
-        otu.tree_cast(new_updates, jnp.float32),
-    )
+    # sharding.tree_vdot, unlike jnp.vdot, accepts FSDP-sharded leaves.
+    predicted_decrease = -sharding.tree_vdot(updates, new_updates)
     return new_updates, AdaptiveDampingState(
         inner_state=inner_state,
         damping_count=count,

@@ -4,6 +4,7 @@ The device count must be set before JAX initialises its backends, so it is
 done here, at import time of the test session.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -15,15 +16,29 @@ jax.config.update('jax_numpy_dtype_promotion', 'strict')
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
-@pytest.fixture
-def enable_x64():
-  """Runs a test with float64 enabled, restoring the previous setting."""
-  previous = jax.config.read('jax_enable_x64')
-  jax.config.update('jax_enable_x64', True)
+@contextlib.contextmanager
+def jax_option(name, value):
+  """Sets a jax.config option for a block, restoring the previous value."""
+  previous = jax.config.read(name)
+  jax.config.update(name, value)
   try:
     yield
   finally:
-    jax.config.update('jax_enable_x64', previous)
+    jax.config.update(name, previous)
+
+
+@pytest.fixture
+def enable_x64():
+  """Runs a test with float64 enabled."""
+  with jax_option('jax_enable_x64', True):
+    yield
+
+
+@pytest.fixture
+def fast_compile():
+  """For compile-bound smoke runs of the benchmarks: skips XLA's optimization passes."""
+  with jax_option('jax_disable_most_optimizations', True):
+    yield
 
 
 @pytest.fixture

@@ -118,6 +118,22 @@ def test_inject_hyperparams_with_static_num_basis(mlp_problem):
   assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
 
 
+def test_inject_hyperparams_with_update_every(mlp_problem):
+  params, outputs_fn, loss_fn = mlp_problem
+  opt = optax.inject_hyperparams(
+      kwng_jax.kwng, static_args=('num_basis', 'update_every'))(
+          learning_rate=0.1, num_basis=4, update_every=2)
+  _, state, losses = run_steps(opt, params, outputs_fn, loss_fn, 3)
+  assert all(np.isfinite(losses))
+  stored = optax.tree_utils.tree_get(state, 'kwng_preconditioner')
+  assert stored.whitened['w1'].shape == (4,) + params['w1'].shape
+  # Not static: inject_hyperparams turns it into an array, and the error says
+  # what to do.
+  with pytest.raises(ValueError, match=r"static_args=\('num_basis', 'update_every'\)"):
+    optax.inject_hyperparams(kwng_jax.kwng, static_args=('num_basis',))(
+        learning_rate=0.1, num_basis=4, update_every=2).init(params)
+
+
 @pytest.mark.usefixtures('standard_promotion')  # optax's accumulator mixes int and float.
 def test_multi_steps_accumulates_before_kwng(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
