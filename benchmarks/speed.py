@@ -1,0 +1,398 @@
+r"""Speed benchmark: step and compile time of SGD, Adam and KWNG on one model.
+
+Every optimizer trains the same Flax NNX model, with the same jitted step
+(forward, loss, gradient, ``tx.update``, apply), in the same process:
+
+* ``--model mlp`` / ``--model cnn`` (default: both): the digits MLP and CNN
+  with the ill-conditioned head, on a batch of real digits;
+* ``--model resnet18``: the CIFAR ResNet-18 of the published code (with
+  BatchNorm and the ill-conditioned head) on random CIFAR-shaped data, the
+  setting of SPEC §3 (``--batch-size 128`` on a GPU).
+
+KWNG is the published optimizer (``kwng_jax.kwng``: M basis functions,
+adaptive ε, clip 1) for each M of ``--num-basis`` (default 5, 10, 20), plus,
+per ``--kwng-variant``, the same chain with extra ``scale_by_kwng`` options
+(e.g. ``jacobian_samples=32``). Its ``outputs_fn`` replays the loss's own
+forward pass (``flax_utils.value_grad_and_outputs_fn``); ``--forward
+separate`` lets it recompute the logits instead.
+
+Timing: each step is compiled ahead of time (``lower().compile()``, timed
+separately); then, in ``--rounds`` rounds, each optimizer runs
+``--steps`` steps, each timed on its own up to ``block_until_ready``. The
+rounds interleave the optimizers so that a change of load on a shared
+machine hits them all alike. Reported: the median step time over all
+rounds, the median over rounds of each round's mean step time (the cost per
+step of ``update_every=k``, whose rebuild steps the median would hide), and
+their ratios to SGD's. By default the KWNG rows are repeated with
+``update_every=10`` (the amortization target: mean step <= 1.3x SGD).
+
+Run (from the repository root)::
+
+  python benchmarks/speed.py                                   # CPU: MLP and CNN
+  python benchmarks/speed.py --model resnet18 --batch-size 128 # GPU
+  python benchmarks/speed.py --quick                           # CI smoke test
+
+Writes ``speed_<platform>.json`` and ``speed_<platform>.png`` under ``--out``
+(the JSON after every round, so an interrupted run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import inspect
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kwng_jax
+from kwng_jax import datasets
+from kwng_jax import flax_utils
+from kwng_jax import models
+
+import common
+
+PyTree = Any
+MODELS = ('mlp', 'cnn', 'resnet18')
+DEFAULT_OUT = pathlib.Path(__file__).parent / 'results' / 'speed'
+
+# SPEC §3 / the issue: targets on one H100 or H200, ResNet-18, batch 128.
+GPU_TARGETS = {'kwng5_over_sgd_max': 2.5, 'kwng5_ms_max': 14.7, 'kwng20_ms_max': 44.0}
+# The amortization target of the issue, on every platform: with
+# update_every=10 the mean KWNG(M=5) step is at most 1.3x SGD's.
+DEFAULT_VARIANTS = ('update_every=10',)
+AMORTIZED_NAME = 'KWNG M=5 [update_every=10]'
+AMORTIZED_MAX_RATIO = 1.3
+
+
+def build_model(name: str, seed: int = 0) -> nnx.Module:
+  """The model with the ill-conditioned head (logits × logspace(-6, 1, 10))."""
+  scales = datasets.ill_conditioned_scales()
+  rngs = nnx.Rngs(seed)
+  if name == 'mlp':
+    return models.MLP(64, (128,), 10, logit_scales=scales, rngs=rngs)
+  if name == 'cnn':
+    return models.CNN(10, logit_scales=scales, rngs=rngs)
+  if name == 'resnet18':
+    return models.ResNet18(10, logit_scales=scales, rngs=rngs)
+  raise ValueError(f'model={name!r}: choose one of {MODELS}.')
+
+
+def batch(name: str, batch_size: int) -> tuple[jax.Array, jax.Array, str]:
+  """``(images, labels, description)``: real digits, or random CIFAR-shaped data."""
+  if name in ('mlp', 'cnn'):
+    split = datasets.load_digits()
+    if batch_size > len(split.train_labels):
+      raise ValueError(f'--batch-size {batch_size} exceeds the {len(split.train_labels)} '
+                       'digits of the training split.')
+    return (jnp.asarray(split.train_images[:batch_size]),
+            jnp.asarray(split.train_labels[:batch_size]), 'digits (8x8x1)')
+  image_key, label_key = jax.random.split(jax.random.key(0))
+  images = jax.random.normal(image_key, (batch_size, 32, 32, 3), jnp.float32)
+  labels = jax.random.randint(label_key, (batch_size,), 0, 10, jnp.int32)
+  return images, labels, 'random CIFAR-shaped (32x32x3)'
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+  """``'jacobian_samples=32,update_every=5'`` -> options of scale_by_kwng."""
+  accepted = set(inspect.signature(kwng_jax.scale_by_kwng).parameters) - {'num_basis'}
+  options = {}
+  for item in filter(None, text.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in accepted:
+      raise ValueError(f'--kwng-variant {text!r}: {item!r} is not KEY=VALUE with KEY an '
+                       f'option of kwng_jax.scale_by_kwng ({sorted(accepted)}).')
+    for convert in (int, float):
+      try:
+        options[key] = convert(value)
+        break
+      except ValueError:
+        continue
+    else:
+      options[key] = None if value == 'None' else value
+  return options
+
+
+def kwng_optimizer(num_basis: int, options: dict[str, Any]) -> optax.GradientTransformation:
+  """The published chain (kwng_jax.kwng), with extra scale_by_kwng options."""
+  if not options:
+    return kwng_jax.kwng(1.0, num_basis=num_basis)
+  return kwng_jax.adaptive_damping(optax.chain(
+      kwng_jax.scale_by_kwng(num_basis, **options),
+      optax.clip_by_global_norm(1.0),
+      optax.scale_by_learning_rate(1.0)))
+
+
+def optimizers(num_basis: Sequence[int], variants: Sequence[str]
+               ) -> dict[str, optax.GradientTransformation]:
+  """SGD, Adam and KWNG for each M (and each variant), by display name."""
+  out = {'SGD': optax.sgd(0.1), 'Adam': optax.adam(1e-3)}
+  for text in ('', *variants):
+    options = parse_variant(text)
+    suffix = f' [{text}]' if text else ''
+    for m in num_basis:
+      out[f'KWNG M={m}{suffix}'] = kwng_optimizer(m, options)
+  return out
+
+
+def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
+              fused: bool) -> Callable:
+  """``step((params, rest, opt_state), images, labels) -> (state, loss)``.
+
+  ``rest`` is the model's untrained state (BatchNorm statistics, the logit
+  scales); the forward pass runs in train mode and returns its update.
+  """
+
+  def step(state, images, labels):
+    params, rest, opt_state = state
+
+    def forward(p):
+      model = nnx.merge(graphdef, p, rest)
+      logits = model(images)
+      _, _, new_rest = nnx.split(model, nnx.Param, ...)
+      return logits, nnx.as_pure(new_rest)
+
+    def loss_from_logits(logits):
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    if fused:
+      (loss, new_rest), grads, outputs_fn = flax_utils.value_grad_and_outputs_fn(
+          loss_from_logits, forward, params, has_aux=True)
+    else:
+      def loss_fn(p):
+        logits, new_rest = forward(p)
+        return loss_from_logits(logits), new_rest
+
+      (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+      def outputs_fn(p):
+        return forward(p)[0]
+
+    updates, opt_state = tx.update(grads, opt_state, params, outputs_fn=outputs_fn, value=loss)
+    return (optax.apply_updates(params, updates), new_rest, opt_state), loss
+
+  return step
+
+
+def measure_model(name: str, args: argparse.Namespace, report: Callable[[], None],
+                  record: dict[str, Any], bar: Any) -> None:
+  """Compiles and times every optimizer on one model; fills ``record``."""
+  model = build_model(name)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+  images, labels, data = batch(name, args.batch_size)
+  record.update(model=name, batch_size=args.batch_size, input_shape=list(images.shape),
+                data=data, head='ill-conditioned (logits x logspace(-6, 1, 10))',
+                num_params=int(sum(p.size for p in jax.tree.leaves(params))),
+                forward=args.forward, optimizers={})
+  steps, states = {}, {}
+  for opt_name, tx in optimizers(args.num_basis, args.kwng_variant).items():
+    bar.set_description(f'{name}: compile {opt_name}')
+    # The step donates its state: every leaf must be a buffer of its own
+    # (an optimizer state may hold one array twice).
+    state = jax.tree.map(jnp.copy, (params, rest, tx.init(params)))
+    step = jax.jit(make_step(graphdef, tx, fused=args.forward == 'fused'), donate_argnums=0)
+    compiled, seconds = common.compile_timed(step, state, images, labels)
+    steps[opt_name] = lambda s, compiled=compiled: compiled(s, images, labels)[0]
+    states[opt_name] = state
+    record['optimizers'][opt_name] = {'compile_seconds': seconds, 'step_seconds': [],
+                                      'round_mean_seconds': [],
+                                      **memory(compiled, state[2])}
+    bar.update(1)
+    report()
+  for round_index in range(args.rounds):
+    for opt_name, step in steps.items():
+      bar.set_description(f'{name}: round {round_index + 1} {opt_name}')
+      seconds, states[opt_name] = common.step_times(
+          step, states[opt_name], num_steps=args.steps,
+          warmup=args.warmup if round_index == 0 else 0)
+      record['optimizers'][opt_name]['step_seconds'].extend(seconds)
+      record['optimizers'][opt_name]['round_mean_seconds'].append(float(np.mean(seconds)))
+      bar.update(1)
+    summarize(record)
+    report()
+
+
+def memory(compiled: Any, opt_state: PyTree) -> dict[str, Any]:
+  """Bytes of an optimizer's state, and of the compiled step's temporaries.
+
+  ``state_bytes`` lives between steps (with ``update_every``: T̃ and D).
+  ``temp_bytes`` is XLA's scratch memory for one whole step (None where the
+  backend does not report it); less SGD's, the working memory KWNG adds
+  (T and T̃, M×P each, and the batched backward pass).
+  """
+  temp = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
+  return {
+      'state_bytes': int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
+      'temp_bytes': None if temp is None else int(temp),
+  }
+
+
+def summarize(record: dict[str, Any]) -> None:
+  """Median step times (ms) and ratios to SGD, from the times so far.
+
+  ``mean_step_ms`` is the median over rounds of each round's mean step time:
+  the cost per step of an optimizer whose steps differ (``update_every=k``
+  rebuilds at one step in k; ``--steps`` a multiple of k makes every round
+  pay for its rebuilds in full), where the median step would show only the
+  cheap ones.
+  """
+  entries = record['optimizers']
+  for entry in entries.values():
+    entry['median_step_ms'] = 1e3 * float(np.median(entry['step_seconds']))
+    entry['mean_step_ms'] = 1e3 * float(np.median(entry['round_mean_seconds']))
+    entry['p10_step_ms'], entry['p90_step_ms'] = (
+        1e3 * float(q) for q in np.percentile(entry['step_seconds'], [10, 90]))
+    entry['timed_steps'] = len(entry['step_seconds'])
+  sgd_ms = entries['SGD']['median_step_ms']
+  sgd_mean_ms = entries['SGD']['mean_step_ms']
+  for entry in entries.values():
+    entry['ratio_to_sgd'] = entry['median_step_ms'] / sgd_ms
+    entry['mean_ratio_to_sgd'] = entry['mean_step_ms'] / sgd_mean_ms
+
+
+def targets(record: dict[str, Any], platform: str) -> dict[str, Any]:
+  """The issue's targets: the GPU ones where they apply (GPU, ResNet-18, batch 128),
+  the amortized one (``update_every=10``) wherever its row was measured."""
+  applies = platform == 'gpu' and record['model'] == 'resnet18' and record['batch_size'] == 128
+  entries = record['optimizers']
+  out: dict[str, Any] = {'applies': applies, 'limits': GPU_TARGETS}
+  m5, m20 = entries.get('KWNG M=5', {}), entries.get('KWNG M=20', {})
+  if 'median_step_ms' in m5:
+    out['kwng5_over_sgd'] = m5['ratio_to_sgd']
+    out['kwng5_ms'] = m5['median_step_ms']
+  if 'median_step_ms' in m20:
+    out['kwng20_ms'] = m20['median_step_ms']
+  amortized = entries.get(AMORTIZED_NAME, {})
+  if 'mean_step_ms' in amortized:
+    out['amortized_kwng5_over_sgd'] = amortized['mean_ratio_to_sgd']
+    out['amortized_met'] = amortized['mean_ratio_to_sgd'] <= AMORTIZED_MAX_RATIO
+  if applies and 'kwng5_ms' in out and 'kwng20_ms' in out:
+    out['met'] = {
+        'kwng5_over_sgd': out['kwng5_over_sgd'] <= GPU_TARGETS['kwng5_over_sgd_max'],
+        'kwng5_ms': out['kwng5_ms'] <= GPU_TARGETS['kwng5_ms_max'],
+        'kwng20_ms': out['kwng20_ms'] <= GPU_TARGETS['kwng20_ms_max'],
+    }
+  return out
+
+
+def plot(payload: dict[str, Any], path: pathlib.Path) -> None:
+  """A bar chart per model: median step time per optimizer, with its ratio to SGD."""
+  plt = common.pyplot()
+  records = payload['models']
+  fig, axes = plt.subplots(1, len(records), figsize=(6 * len(records), 4), squeeze=False)
+  for ax, record in zip(axes[0], records):
+    names = [n for n, e in record['optimizers'].items() if 'median_step_ms' in e]
+    medians = [record['optimizers'][n]['median_step_ms'] for n in names]
+    errors = np.array([[record['optimizers'][n]['median_step_ms']
+                        - record['optimizers'][n]['p10_step_ms'] for n in names],
+                       [record['optimizers'][n]['p90_step_ms']
+                        - record['optimizers'][n]['median_step_ms'] for n in names]])
+    ax.bar(range(len(names)), medians, yerr=errors, color='tab:blue', alpha=0.7, capsize=3)
+    for i, n in enumerate(names):
+      ax.text(i, record['optimizers'][n]['p90_step_ms'],
+              f"{record['optimizers'][n]['ratio_to_sgd']:.1f}x SGD", ha='center', va='bottom',
+              fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
+    ax.set(ylabel='median step time (ms)',
+           title=f"{record['model']}, batch {record['batch_size']} (bars: 10th-90th percentile)")
+  device = payload['device']
+  fig.suptitle(f"{device['device_kind']} ({device['platform']}), jax {device['jax_version']}")
+  fig.tight_layout()
+  common.save_png(fig, path, dpi=90)
+  plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', nargs='+', choices=MODELS, default=['mlp', 'cnn'])
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--num-basis', type=int, nargs='+', default=[5, 10, 20])
+  parser.add_argument('--kwng-variant', action='append', default=None,
+                      help='extra KWNG rows with these scale_by_kwng options, e.g. '
+                           '"jacobian_samples=32" (repeatable; comma-separated KEY=VALUE; '
+                           f'default {DEFAULT_VARIANTS}, "" for none).')
+  parser.add_argument('--forward', choices=('fused', 'separate'), default='fused',
+                      help="KWNG's outputs_fn: replay the loss's forward pass, or rerun it.")
+  parser.add_argument('--steps', type=int, default=20, help='timed steps per round.')
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--quick', action='store_true',
+                      help='CI smoke test: the MLP, 3 steps, 1 round.')
+  parser.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
+  args = parser.parse_args(argv)
+  if args.kwng_variant is None:
+    args.kwng_variant = list(DEFAULT_VARIANTS)
+  args.kwng_variant = [text for text in args.kwng_variant if text]
+  if args.quick:
+    args.model, args.steps, args.rounds, args.warmup = ['mlp'], 3, 1, 1
+  if min(args.num_basis) < 1 or max(args.num_basis) > args.batch_size:
+    parser.error(f'--num-basis {args.num_basis}: each M must lie in [1, --batch-size].')
+  for text in args.kwng_variant:
+    try:
+      parse_variant(text)
+    except ValueError as error:
+      parser.error(str(error))
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  device = common.device_description()
+  payload: dict[str, Any] = {
+      'benchmark': 'speed',
+      'device': device,
+      'versions': {name: importlib.metadata.version(name) for name in ('jax', 'optax', 'flax')},
+      'config': {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+      'matmul_precision': jax.config.jax_default_matmul_precision,  # None: the platform's default
+      'models': [],
+  }
+  json_path = args.out / f"speed_{device['platform']}.json"
+
+  def report():
+    for record in payload['models']:
+      if record.get('optimizers') and all('median_step_ms' in e
+                                          for e in record['optimizers'].values()):
+        record['targets'] = targets(record, device['platform'])
+    payload['finished'] = False
+    common.write_json(json_path, payload)
+
+  num_optimizers = len(optimizers(args.num_basis, args.kwng_variant))
+  bar = common.progress(len(args.model) * num_optimizers * (1 + args.rounds), 'speed')
+  start = time.perf_counter()
+  for name in args.model:
+    record: dict[str, Any] = {}
+    payload['models'].append(record)
+    measure_model(name, args, report, record, bar)
+  bar.close()
+  payload['wall_seconds'] = time.perf_counter() - start
+  report()
+  payload['finished'] = True
+  common.write_json(json_path, payload)
+  plot(payload, json_path.with_suffix('.png'))
+
+  print(f"\n{device['device_kind']} ({device['platform']}), jax {device['jax_version']}")
+  for record in payload['models']:
+    print(f"\n{record['model']}, batch {record['batch_size']}, {record['num_params']} parameters, "
+          f"{record['data']}")
+    print(f"{'optimizer':<32} {'median ms':>10} {'x SGD':>7} {'mean ms':>9} {'x SGD':>7} "
+          f"{'compile s':>10}")
+    for opt_name, entry in record['optimizers'].items():
+      print(f"{opt_name:<32} {entry['median_step_ms']:>10.3f} {entry['ratio_to_sgd']:>7.2f} "
+            f"{entry['mean_step_ms']:>9.3f} {entry['mean_ratio_to_sgd']:>7.2f} "
+            f"{entry['compile_seconds']:>10.2f}")
+    if record['targets']['applies'] or 'amortized_met' in record['targets']:
+      print(f"targets: {record['targets']}")
+  print(f'\nwrote {json_path} and {json_path.with_suffix(".png")}')
+  return payload
+
+
+if __name__ == '__main__':
+  main()

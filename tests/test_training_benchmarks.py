@@ -1,0 +1,238 @@
+"""The training benchmarks: quick variants run end to end and write their JSON.
+
+``benchmarks/classification.py --quick`` and ``benchmarks/speed.py --quick``
+run in-process into a temporary folder; the tests check the JSON (every
+optimizer present, finite numbers, consistent selections) and the plots.
+Speed is never asserted. Smaller tests pin the pieces the quick runs cannot
+check: learning-rate selection, the CNN's sequential training path, the
+KWNG variants of the GPU speed run.
+
+The benchmarks run optax.adam, optax.contrib.sophia and Flax code, which
+strict dtype promotion rejects: those tests use ``standard_promotion``.
+"""
+
+import importlib
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
+
+
+@pytest.fixture
+def bench(monkeypatch):
+  """Imports a module of benchmarks/ (they import their sibling ``common``)."""
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  return importlib.import_module
+
+
+def _finite(x):
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _image_size(path):
+  from PIL import Image  # matplotlib's dependency
+  with Image.open(path) as image:
+    image.verify()
+    return image.size
+
+
+@pytest.mark.usefixtures('standard_promotion', 'fast_compile')
+def test_classification_quick_writes_complete_json(bench, tmp_path):
+  classification = bench('classification')
+  classification.main(['--quick', '--out', str(tmp_path)])
+
+  payload = json.loads((tmp_path / 'classification.json').read_text())
+  names = [m.name for m in classification.methods()]
+  assert [m['name'] for m in payload['methods']] == names
+  assert 'kfac-jax' in payload['kfac_jax']
+  seeds = [0, 1]
+  for conditioning in ('well', 'ill'):
+    results = {r['method']: r for r in payload['results']
+               if (r['model'], r['conditioning']) == ('mlp', conditioning)}
+    assert sorted(results) == sorted(names)
+    for name, r in results.items():
+      grid = next(m['learning_rates'] for m in payload['methods'] if m['name'] == name)
+      assert len(grid) == 2
+      # The selected learning rate is the grid's best mean validation accuracy.
+      best = max(r['by_learning_rate'], key=lambda row: row['val_accuracy']['mean'])
+      assert r['selected_learning_rate'] == best['learning_rate']
+      assert r['val_accuracy'] == best['val_accuracy']
+      assert r['seeds'] == seeds
+      assert all(0.0 <= a <= 1.0 for a in r['test_accuracy_per_seed'])
+      assert _finite(r['test_accuracy']['mean'])
+      # (4 significant digits in the JSON)
+      assert np.isclose(r['test_accuracy']['mean'], np.mean(r['test_accuracy_per_seed']), atol=1e-3)
+      for curve in r['curves'].values():
+        assert np.shape(curve) == (len(seeds), 2)
+      assert _finite(r['compile_seconds']) and r['compile_seconds'] > 0
+      assert r['reused_compilation'] == (conditioning == 'ill')
+      assert len(r['grid_epoch_seconds']) == 2
+      assert all(_finite(s) and s > 0 for s in r['grid_epoch_seconds'])
+
+  search = payload['search']
+  labels = [c['label'] for c in search['configs']]
+  assert len(labels) == 2 and search['best']['label'] in labels
+  published = next(r for r in payload['results'] if (r['model'], r['conditioning'], r['method'])
+                   == ('mlp', 'ill', 'KWNG (published)'))
+  # The search starts from the published configuration, whose grid it reuses.
+  assert search['configs'][0]['summary']['test_accuracy'] == published['test_accuracy']
+
+  confirmation = payload['confirmation']
+  assert sorted(confirmation) == sorted(['SGD', 'Adam', 'KWNG (published)', 'KWNG (searched)'])
+  for entry in confirmation.values():
+    assert len(entry['seeds']) == 4 and not set(entry['seeds']) & set(seeds)
+    assert all(0.0 <= a <= 1.0 for a in entry['test_accuracy_per_seed'])
+  assert confirmation['SGD']['learning_rate'] == next(
+      r['selected_learning_rate'] for r in payload['results']
+      if (r['model'], r['conditioning'], r['method']) == ('mlp', 'ill', 'SGD'))
+
+  targets = payload['targets']
+  versus_sgd = targets['published_kwng_vs_best_sgd']
+  assert _finite(versus_sgd['points_selection_seeds']) and _finite(versus_sgd['points_fresh_seeds'])
+  versus_adam = targets['searched_kwng_vs_tuned_adam']
+  assert versus_adam['paired_fresh_seeds']['runs'] == 4
+  assert isinstance(versus_adam['met'], bool)
+  for name in ('classification.png', 'classification_search.png'):
+    assert min(_image_size(tmp_path / name)) > 200
+
+  markdown = bench('readme_training').render(tmp_path / 'classification.json', [])
+  for name in names + ['KWNG (searched)', search['best']['label'], 'Targets']:
+    assert name in markdown
+
+
+def _run(learning_rate, seed, epochs):
+  """A fake grid run whose accuracy curves end at the given values."""
+  return {'learning_rate': learning_rate, 'seed': seed,
+          'train_loss': np.linspace(2.0, 1.0, epochs),
+          'val_accuracy': np.linspace(0.1, 0.5, epochs),
+          'test_accuracy': np.linspace(0.1, 0.4, epochs)}
+
+
+def test_summarize_selects_on_validation_not_test(bench):
+  classification = bench('classification')
+  runs = []
+  for lr, val, test in ((0.1, 0.6, 0.9), (1.0, 0.8, 0.5), (10.0, 0.7, 0.95)):
+    for seed in (0, 1):
+      run = _run(lr, seed, 3)
+      run['val_accuracy'][-1] = val + 0.01 * seed
+      run['test_accuracy'][-1] = test
+      runs.append(run)
+  runs[-1]['train_loss'][-1] = np.nan
+  summary = classification.summarize(
+      {'runs': runs, 'compile_seconds': 1.0, 'reused_compilation': False,
+       'epoch_seconds': [0.1, 0.2, 0.3]}, (0.1, 1.0, 10.0))
+  assert summary['selected_learning_rate'] == 1.0
+  assert not summary['selected_at_grid_edge']
+  assert summary['test_accuracy']['mean'] == pytest.approx(0.5)
+  assert summary['val_accuracy']['mean'] == pytest.approx(0.805)
+  assert [row['diverged_runs'] for row in summary['by_learning_rate']] == [0, 0, 1]
+  assert summary['seconds_per_run_epoch'] == pytest.approx(0.2 / 6)
+
+
+def test_paired_difference_pairs_runs_by_seed(bench):
+  classification = bench('classification')
+  a = {'seeds': [100, 101, 102, 103], 'test_accuracy_per_seed': [0.9, 0.8, 0.7, 0.1]}
+  b = {'seeds': [102, 101, 100], 'test_accuracy_per_seed': [0.9, 0.8, 0.5]}
+  diff = classification.paired_difference(a, b)
+  assert diff['mean'] == pytest.approx(0.2 / 3)
+  assert diff['wins'] == 1 and diff['ties'] == 1 and diff['runs'] == 3
+  assert diff['standard_error'] == pytest.approx(np.std([0.4, 0.0, -0.2], ddof=1) / np.sqrt(3))
+
+
+@pytest.mark.usefixtures('standard_promotion', 'fast_compile')
+def test_sequential_training_matches_vmapped(bench):
+  """The CNN's path (Python loop over runs and steps) trains like the vmapped one."""
+  classification = bench('classification')
+  task = classification.make_task('mlp', hidden=8)
+  data = classification.load_data('ill')
+  method = next(m for m in classification.methods() if m.name == 'SGD+momentum')
+  learning_rates, seeds = [0.1, 0.3], [3, 4]
+  curves = []
+  for sequential in (False, True):
+    trainer = classification.GridTrainer(
+        task, method.factory, num_runs=2, batch_size=256,
+        num_train=int(data.train_labels.shape[0]), sequential=sequential)
+    result = trainer.train(learning_rates, seeds, data, epochs=2)
+    curves.append(np.array([run['train_loss'] for run in result['runs']]))
+    runs = [(r['learning_rate'], r['seed']) for r in result['runs']]
+    assert runs == list(zip(learning_rates, seeds))
+  np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+  # Different learning rates train differently: the grid is not one run repeated.
+  assert not np.allclose(curves[0][0], curves[0][1])
+
+
+@pytest.mark.usefixtures('standard_promotion', 'fast_compile')
+def test_speed_quick_writes_complete_json(bench, tmp_path):
+  speed = bench('speed')
+  speed.main(['--quick', '--out', str(tmp_path)])
+
+  payload = json.loads((tmp_path / 'speed_cpu.json').read_text())
+  assert payload['finished'] and payload['device']['platform'] == 'cpu'
+  (record,) = payload['models']
+  assert record['model'] == 'mlp' and record['batch_size'] == 128
+  assert record['num_params'] == 64 * 128 + 128 + 128 * 10 + 10
+  entries = record['optimizers']
+  assert list(entries) == ['SGD', 'Adam', 'KWNG M=5', 'KWNG M=10', 'KWNG M=20',
+                           'KWNG M=5 [update_every=10]', 'KWNG M=10 [update_every=10]',
+                           'KWNG M=20 [update_every=10]']
+  for entry in entries.values():
+    assert entry['timed_steps'] == 3 == len(entry['step_seconds'])
+    assert len(entry['round_mean_seconds']) == 1
+    assert entry['temp_bytes'] is None or entry['temp_bytes'] >= 0
+    assert entry['mean_step_ms'] == pytest.approx(1e3 * np.mean(entry['step_seconds']), rel=1e-4)
+    for key in ('compile_seconds', 'median_step_ms', 'ratio_to_sgd', 'mean_ratio_to_sgd'):
+      assert _finite(entry[key]) and entry[key] > 0
+    assert entry['p10_step_ms'] <= entry['median_step_ms'] <= entry['p90_step_ms']
+  assert entries['SGD']['ratio_to_sgd'] == 1.0
+  # The state of update_every holds T̃ and D: (M + 1)·P float32 numbers at least.
+  assert entries['SGD']['state_bytes'] == 0
+  assert entries['KWNG M=5 [update_every=10]']['state_bytes'] >= 6 * 4 * record['num_params']
+  assert entries['KWNG M=5']['state_bytes'] < 1000
+  assert entries['KWNG M=20']['temp_bytes'] > entries['SGD']['temp_bytes']
+  assert not record['targets']['applies'] and 'met' not in record['targets']
+  assert record['targets']['kwng5_ms'] == entries['KWNG M=5']['median_step_ms']
+  assert record['targets']['amortized_kwng5_over_sgd'] == (
+      entries['KWNG M=5 [update_every=10]']['mean_ratio_to_sgd'])
+  assert min(_image_size(tmp_path / 'speed_cpu.png')) > 200
+
+  markdown = bench('readme_training').render(None, [tmp_path / 'speed_cpu.json'])
+  assert all(f'| {name} |' in markdown for name in entries)
+
+
+def test_speed_variant_options_are_checked(bench):
+  speed = bench('speed')
+  assert speed.parse_variant('jacobian_samples=32,update_every=5') == {
+      'jacobian_samples': 32, 'update_every': 5}
+  assert speed.parse_variant('epsilon=1e-3') == {'epsilon': 1e-3}
+  with pytest.raises(ValueError, match='not_an_option'):
+    speed.parse_variant('not_an_option=3')
+  with pytest.raises(ValueError, match='KEY=VALUE'):
+    speed.parse_variant('jacobian_samples')
+
+
+@pytest.mark.usefixtures('standard_promotion', 'fast_compile')
+def test_speed_step_with_a_kwng_variant_is_the_published_chain(bench):
+  """The GPU run's extra KWNG rows (scale_by_kwng options) take clipped steps."""
+  speed = bench('speed')
+  from flax import nnx
+  model = speed.build_model('mlp')
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+  images, labels, _ = speed.batch('mlp', 64)
+  tx = speed.kwng_optimizer(4, speed.parse_variant('jacobian_samples=16'))
+  step = jax.jit(speed.make_step(graphdef, tx, fused=True))
+  state = (params, rest, tx.init(params))
+  for _ in range(3):
+    new_state, loss = step(state, images, labels)
+    assert math.isfinite(float(loss))
+    moved = jax.tree.map(lambda a, b: a - b, new_state[0], state[0])
+    norm = float(optax.tree.norm(moved))
+    # Learning rate 1 after clipping to norm 1: a step of length at most 1.
+    assert 0.0 < norm <= 1.0 + 1e-5
+    state = new_state
