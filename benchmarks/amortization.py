@@ -24,7 +24,7 @@ On the digits MLP (64–128–10, ReLU) with the paper's ill-conditioned head
 
 Run ``python benchmarks/amortization.py`` (about a minute on two CPU cores;
 ``--quick`` for a smoke run whose time is mostly compilation). Writes
-``amortization.json`` and ``amortization.png`` under ``results/`` (or
+``amortization.json`` and ``amortization.png`` under ``benchmarks/results/amortization/`` (or
 ``--out``).
 """
 
@@ -350,7 +350,8 @@ def plot(payload, path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='a smoke run: a few steps, one draw of each check')
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results')
+  parser.add_argument('--out', type=pathlib.Path,
+                      default=ROOT / 'benchmarks' / 'results' / 'amortization')
   parser.add_argument('--hidden', type=int, nargs='+', default=[128])
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--timed-cycles', type=int, default=40)

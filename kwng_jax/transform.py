@@ -91,7 +91,9 @@ def scale_by_kwng(
     0, k, 2k, … (under ``jax.lax.cond``, so the other steps skip the VJPs)
     and reuse them with the current g and :math:`\epsilon` in between. The
     state then holds them: :math:`(M + 1) P` numbers plus an M×M matrix. A
-    build whose samples were not finite is redone at the next step.
+    build whose samples were not finite is redone at the next step. On
+    CPU, XLA runs convolutions inside ``lax.cond`` far slower than outside
+    (jax-ml/jax#12868): there, use it with dense models only.
   * ``jacobian_samples=n``: W, Q and T from the first n samples of the batch
     (basis and bandwidth from all of it). For the speed gain pass
     ``jacobian_outputs_fn=lambda p: model(p, x[:n])`` to the update, so the
