@@ -9,6 +9,7 @@ clipping, a learning rate, momentum or Adam like any Optax transformation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -93,7 +94,8 @@ def scale_by_kwng(
     state then holds them: :math:`(M + 1) P` numbers plus an M×M matrix. A
     build whose samples were not finite is redone at the next step. On
     CPU, XLA runs convolutions inside ``lax.cond`` far slower than outside
-    (jax-ml/jax#12868): there, use it with dense models only.
+    (jax-ml/jax#12868): there, use it with dense models only (a
+    ``RuntimeWarning`` at trace time says so).
   * ``jacobian_samples=n``: W, Q and T from the first n samples of the batch
     (basis and bandwidth from all of it). For the speed gain pass
     ``jacobian_outputs_fn=lambda p: model(p, x[:n])`` to the update, so the
@@ -218,6 +220,7 @@ def scale_by_kwng(
     if stored is None:
       preconditioner = build()
     else:
+      _warn_if_convolutions_on_cpu(outputs_fn, params)
       stored = _pin_shardings(stored, params)
       # A placeholder, or factors built from non-finite samples, are rebuilt.
       rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
@@ -239,6 +242,45 @@ def scale_by_kwng(
     return direction, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _warn_if_convolutions_on_cpu(outputs_fn, params) -> None:
+  """Warns, at trace time, of XLA:CPU's slow convolutions inside ``lax.cond``.
+
+  The rebuild of ``update_every`` runs under ``lax.cond``; XLA:CPU gives the
+  convolutions of a conditional branch a generic loop (jax-ml/jax#12868),
+  which made the digits CNN's rebuild ~10x slower than outside the branch.
+  """
+  if jax.default_backend() != 'cpu':
+    return
+  def backward(p):
+    # The VJP is what the rebuild runs (a replayed forward pass holds its
+    # convolutions in the backward rule only).
+    outputs, vjp_fn = jax.vjp(outputs_fn, p)
+    return vjp_fn(outputs)
+
+  if _has_convolution(jax.make_jaxpr(backward)(params).jaxpr):
+    warnings.warn(
+        'scale_by_kwng(update_every > 1) on CPU with a convolutional model: '
+        'XLA:CPU runs convolutions inside lax.cond (the rebuild) much slower '
+        'than outside it (jax-ml/jax#12868), so this is likely slower than '
+        'update_every=1. On CPU, use update_every with dense models.',
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _has_convolution(jaxpr) -> bool:
+  """Whether a jaxpr, or any jaxpr nested in it, holds a convolution."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds a Jaxpr
+        if hasattr(sub, 'eqns') and _has_convolution(sub):
+          return True
+  return False
 
 
 def _cast_like(
