@@ -12,7 +12,9 @@ Every optimizer trains the same Flax NNX model, with the same jitted step
 KWNG is the published optimizer (``kwng_jax.kwng``: M basis functions,
 adaptive ε, clip 1) for each M of ``--num-basis`` (default 5, 10, 20), plus,
 per ``--kwng-variant``, the same chain with extra ``scale_by_kwng`` options
-(e.g. ``jacobian_samples=32``). Its ``outputs_fn`` replays the loss's own
+(e.g. ``jacobian_samples=32``, for which the step also passes
+``jacobian_outputs_fn``, the model on the first 32 images, so that T costs
+32 samples' VJPs). Its ``outputs_fn`` replays the loss's own
 forward pass (``flax_utils.value_grad_and_outputs_fn``); ``--forward
 separate`` lets it recompute the logits instead.
 
@@ -131,31 +133,39 @@ def kwng_optimizer(num_basis: int, options: dict[str, Any]) -> optax.GradientTra
 
 
 def optimizers(num_basis: Sequence[int], variants: Sequence[str]
-               ) -> dict[str, optax.GradientTransformation]:
-  """SGD, Adam and KWNG for each M (and each variant), by display name."""
-  out = {'SGD': optax.sgd(0.1), 'Adam': optax.adam(1e-3)}
+               ) -> dict[str, tuple[optax.GradientTransformation, int | None]]:
+  """SGD, Adam and KWNG for each M (and each variant), by display name.
+
+  Each comes with its ``jacobian_samples`` option (None for most), which the
+  step needs to pass a ``jacobian_outputs_fn`` of that many samples.
+  """
+  out = {'SGD': (optax.sgd(0.1), None), 'Adam': (optax.adam(1e-3), None)}
   for text in ('', *variants):
     options = parse_variant(text)
     suffix = f' [{text}]' if text else ''
     for m in num_basis:
-      out[f'KWNG M={m}{suffix}'] = kwng_optimizer(m, options)
+      out[f'KWNG M={m}{suffix}'] = (kwng_optimizer(m, options),
+                                    options.get('jacobian_samples'))
   return out
 
 
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
-              fused: bool) -> Callable:
+              fused: bool, jacobian_samples: int | None = None) -> Callable:
   """``step((params, rest, opt_state), images, labels) -> (state, loss)``.
 
   ``rest`` is the model's untrained state (BatchNorm statistics, the logit
-  scales); the forward pass runs in train mode and returns its update.
+  scales); the forward pass runs in train mode and returns its update. With
+  ``jacobian_samples=n`` the update also gets ``jacobian_outputs_fn``, the
+  model on the first n images alone, so that the VJPs that give T run on n
+  samples (with BatchNorm, on the statistics of those n).
   """
 
   def step(state, images, labels):
     params, rest, opt_state = state
 
-    def forward(p):
+    def forward(p, inputs=images):
       model = nnx.merge(graphdef, p, rest)
-      logits = model(images)
+      logits = model(inputs)
       _, _, new_rest = nnx.split(model, nnx.Param, ...)
       return logits, nnx.as_pure(new_rest)
 
@@ -175,7 +185,11 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
       def outputs_fn(p):
         return forward(p)[0]
 
-    updates, opt_state = tx.update(grads, opt_state, params, outputs_fn=outputs_fn, value=loss)
+    extra = {}
+    if jacobian_samples is not None:
+      extra['jacobian_outputs_fn'] = lambda p: forward(p, images[:jacobian_samples])[0]
+    updates, opt_state = tx.update(grads, opt_state, params, outputs_fn=outputs_fn, value=loss,
+                                   **extra)
     return (optax.apply_updates(params, updates), new_rest, opt_state), loss
 
   return step
@@ -193,12 +207,14 @@ def measure_model(name: str, args: argparse.Namespace, report: Callable[[], None
                 num_params=int(sum(p.size for p in jax.tree.leaves(params))),
                 forward=args.forward, optimizers={})
   steps, states = {}, {}
-  for opt_name, tx in optimizers(args.num_basis, args.kwng_variant).items():
+  for opt_name, (tx, jacobian_samples) in optimizers(args.num_basis,
+                                                     args.kwng_variant).items():
     bar.set_description(f'{name}: compile {opt_name}')
     # The step donates its state: every leaf must be a buffer of its own
     # (an optimizer state may hold one array twice).
     state = jax.tree.map(jnp.copy, (params, rest, tx.init(params)))
-    step = jax.jit(make_step(graphdef, tx, fused=args.forward == 'fused'), donate_argnums=0)
+    step = jax.jit(make_step(graphdef, tx, fused=args.forward == 'fused',
+                             jacobian_samples=jacobian_samples), donate_argnums=0)
     compiled, seconds = common.compile_timed(step, state, images, labels)
     steps[opt_name] = lambda s, compiled=compiled: compiled(s, images, labels)[0]
     states[opt_name] = state

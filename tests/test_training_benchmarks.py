@@ -226,7 +226,10 @@ def test_speed_step_with_a_kwng_variant_is_the_published_chain(bench):
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   images, labels, _ = speed.batch('mlp', 64)
   tx = speed.kwng_optimizer(4, speed.parse_variant('jacobian_samples=16'))
-  step = jax.jit(speed.make_step(graphdef, tx, fused=True))
+  step = jax.jit(speed.make_step(graphdef, tx, fused=True, jacobian_samples=16))
+  # Without jacobian_outputs_fn the VJPs run on the whole batch, with the same
+  # numbers: the MLP's first 16 logits do not depend on the other samples.
+  whole_batch = jax.jit(speed.make_step(graphdef, tx, fused=True))
   state = (params, rest, tx.init(params))
   for _ in range(3):
     new_state, loss = step(state, images, labels)
@@ -235,4 +238,14 @@ def test_speed_step_with_a_kwng_variant_is_the_published_chain(bench):
     norm = float(optax.tree.norm(moved))
     # Learning rate 1 after clipping to norm 1: a step of length at most 1.
     assert 0.0 < norm <= 1.0 + 1e-5
+    reference = whole_batch(state, images, labels)[0]
+    moved_reference = jax.tree.map(lambda a, b: a - b, reference[0], state[0])
+    difference = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, moved, moved_reference)))
+    assert difference <= 1e-4 * norm
     state = new_state
+  # The step does pass its own jacobian_outputs_fn: 16 rows where KWNG expects 8.
+  mismatched = jax.jit(speed.make_step(
+      graphdef, speed.kwng_optimizer(4, {'jacobian_samples': 8}), fused=True,
+      jacobian_samples=16))
+  with pytest.raises(ValueError, match='jacobian_outputs_fn must return the first'):
+    mismatched(state, images, labels)
