@@ -11,10 +11,12 @@ Every optimizer trains the same Flax NNX model, with the same jitted step
 
 KWNG is the published optimizer (``kwng_jax.kwng``: M basis functions,
 adaptive ε, clip 1) for each M of ``--num-basis`` (default 5, 10, 20), plus,
-per ``--kwng-variant``, the same chain with extra ``scale_by_kwng`` options
-(e.g. ``jacobian_samples=32``, for which the step also passes
-``jacobian_outputs_fn``, the model on the first 32 images, so that T costs
-32 samples' VJPs). Its ``outputs_fn`` replays the loss's own
+per ``--kwng-variant`` and each M of ``--variant-num-basis`` (default 5), the
+same chain with extra ``scale_by_kwng`` options. The default variants are the
+three amortization options: ``update_every=10``, ``jacobian_samples=32`` (the
+step then also passes ``jacobian_outputs_fn``, the model on the first 32
+images, so that T costs 32 samples' VJPs) and ``jacobian_dtype=bfloat16``
+(with ``jacobian_outputs_fn`` the model on the whole batch, run in bf16). Its ``outputs_fn`` replays the loss's own
 forward pass (``flax_utils.value_grad_and_outputs_fn``); ``--forward
 separate`` lets it recompute the logits instead.
 
@@ -67,9 +69,9 @@ DEFAULT_OUT = pathlib.Path(__file__).parent / 'results' / 'speed'
 
 # SPEC §3 / the issue: targets on one H100 or H200, ResNet-18, batch 128.
 GPU_TARGETS = {'kwng5_over_sgd_max': 2.5, 'kwng5_ms_max': 14.7, 'kwng20_ms_max': 44.0}
-# The amortization target of the issue, on every platform: with
-# update_every=10 the mean KWNG(M=5) step is at most 1.3x SGD's.
-DEFAULT_VARIANTS = ('update_every=10',)
+# The amortization options, and the target of the issue, on every platform:
+# with update_every=10 the mean KWNG(M=5) step is at most 1.3x SGD's.
+DEFAULT_VARIANTS = ('update_every=10', 'jacobian_samples=32', 'jacobian_dtype=bfloat16')
 AMORTIZED_NAME = 'KWNG M=5 [update_every=10]'
 AMORTIZED_MAX_RATIO = 1.3
 
@@ -132,32 +134,39 @@ def kwng_optimizer(num_basis: int, options: dict[str, Any]) -> optax.GradientTra
       optax.scale_by_learning_rate(1.0)))
 
 
-def optimizers(num_basis: Sequence[int], variants: Sequence[str]
+def optimizers(num_basis: Sequence[int], variants: Sequence[str],
+               variant_num_basis: Sequence[int] = (5,),
                ) -> dict[str, tuple[optax.GradientTransformation, int | None]]:
-  """SGD, Adam and KWNG for each M (and each variant), by display name.
+  """SGD, Adam, KWNG for each M, and each variant for each M of
+  ``variant_num_basis``, by display name.
 
-  Each comes with its ``jacobian_samples`` option (None for most), which the
-  step needs to pass a ``jacobian_outputs_fn`` of that many samples.
+  Each comes with the images its ``jacobian_outputs_fn`` runs on (a slice of
+  the batch; None: no such function): the first n with
+  ``jacobian_samples=n``, all of them with ``jacobian_dtype`` (the replayed
+  forward pass of ``outputs_fn`` cannot run in another dtype).
   """
   out = {'SGD': (optax.sgd(0.1), None), 'Adam': (optax.adam(1e-3), None)}
   for text in ('', *variants):
     options = parse_variant(text)
     suffix = f' [{text}]' if text else ''
-    for m in num_basis:
-      out[f'KWNG M={m}{suffix}'] = (kwng_optimizer(m, options),
-                                    options.get('jacobian_samples'))
+    for m in (variant_num_basis if text else num_basis):
+      jacobian_batch = None
+      if 'jacobian_samples' in options or 'jacobian_dtype' in options:
+        jacobian_batch = slice(None, options.get('jacobian_samples'))
+      out[f'KWNG M={m}{suffix}'] = (kwng_optimizer(m, options), jacobian_batch)
   return out
 
 
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
-              fused: bool, jacobian_samples: int | None = None) -> Callable:
+              fused: bool, jacobian_batch: slice | None = None) -> Callable:
   """``step((params, rest, opt_state), images, labels) -> (state, loss)``.
 
   ``rest`` is the model's untrained state (BatchNorm statistics, the logit
   scales); the forward pass runs in train mode and returns its update. With
-  ``jacobian_samples=n`` the update also gets ``jacobian_outputs_fn``, the
-  model on the first n images alone, so that the VJPs that give T run on n
-  samples (with BatchNorm, on the statistics of those n).
+  ``jacobian_batch`` the update also gets ``jacobian_outputs_fn``, the model
+  on ``images[jacobian_batch]``: for ``jacobian_samples=n`` the first n images
+  alone, so that the VJPs that give T run on n samples (with BatchNorm, on
+  the statistics of those n).
   """
 
   def step(state, images, labels):
@@ -165,7 +174,8 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
     def forward(p, inputs=images):
       model = nnx.merge(graphdef, p, rest)
-      logits = model(inputs)
+      # Computes in the params' dtype: bf16 for the VJPs of jacobian_dtype=bfloat16.
+      logits = model(inputs.astype(jax.tree.leaves(p)[0].dtype))
       _, _, new_rest = nnx.split(model, nnx.Param, ...)
       return logits, nnx.as_pure(new_rest)
 
@@ -186,8 +196,8 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         return forward(p)[0]
 
     extra = {}
-    if jacobian_samples is not None:
-      extra['jacobian_outputs_fn'] = lambda p: forward(p, images[:jacobian_samples])[0]
+    if jacobian_batch is not None:
+      extra['jacobian_outputs_fn'] = lambda p: forward(p, images[jacobian_batch])[0]
     updates, opt_state = tx.update(grads, opt_state, params, outputs_fn=outputs_fn, value=loss,
                                    **extra)
     return (optax.apply_updates(params, updates), new_rest, opt_state), loss
@@ -207,14 +217,14 @@ def measure_model(name: str, args: argparse.Namespace, report: Callable[[], None
                 num_params=int(sum(p.size for p in jax.tree.leaves(params))),
                 forward=args.forward, optimizers={})
   steps, states = {}, {}
-  for opt_name, (tx, jacobian_samples) in optimizers(args.num_basis,
-                                                     args.kwng_variant).items():
+  for opt_name, (tx, jacobian_batch) in optimizers(
+      args.num_basis, args.kwng_variant, args.variant_num_basis).items():
     bar.set_description(f'{name}: compile {opt_name}')
     # The step donates its state: every leaf must be a buffer of its own
     # (an optimizer state may hold one array twice).
     state = jax.tree.map(jnp.copy, (params, rest, tx.init(params)))
     step = jax.jit(make_step(graphdef, tx, fused=args.forward == 'fused',
-                             jacobian_samples=jacobian_samples), donate_argnums=0)
+                             jacobian_batch=jacobian_batch), donate_argnums=0)
     compiled, seconds = common.compile_timed(step, state, images, labels)
     steps[opt_name] = lambda s, compiled=compiled: compiled(s, images, labels)[0]
     states[opt_name] = state
@@ -331,6 +341,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--model', nargs='+', choices=MODELS, default=['mlp', 'cnn'])
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--num-basis', type=int, nargs='+', default=[5, 10, 20])
+  parser.add_argument('--variant-num-basis', type=int, nargs='+', default=[5],
+                      help='the M of the --kwng-variant rows.')
   parser.add_argument('--kwng-variant', action='append', default=None,
                       help='extra KWNG rows with these scale_by_kwng options, e.g. '
                            '"jacobian_samples=32" (repeatable; comma-separated KEY=VALUE; '
@@ -349,8 +361,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.kwng_variant = [text for text in args.kwng_variant if text]
   if args.quick:
     args.model, args.steps, args.rounds, args.warmup = ['mlp'], 3, 1, 1
-  if min(args.num_basis) < 1 or max(args.num_basis) > args.batch_size:
-    parser.error(f'--num-basis {args.num_basis}: each M must lie in [1, --batch-size].')
+  for flag, values in (('--num-basis', args.num_basis),
+                       ('--variant-num-basis', args.variant_num_basis)):
+    if min(values) < 1 or max(values) > args.batch_size:
+      parser.error(f'{flag} {values}: each M must lie in [1, --batch-size].')
   for text in args.kwng_variant:
     try:
       parse_variant(text)
@@ -380,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload['finished'] = False
     common.write_json(json_path, payload)
 
-  num_optimizers = len(optimizers(args.num_basis, args.kwng_variant))
+  num_optimizers = len(optimizers(args.num_basis, args.kwng_variant, args.variant_num_basis))
   bar = common.progress(len(args.model) * num_optimizers * (1 + args.rounds), 'speed')
   start = time.perf_counter()
   for name in args.model:

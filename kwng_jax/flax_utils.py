@@ -157,6 +157,18 @@ def replay_outputs_fn(
             f'{len(leaves)}: call it with the params the forward pass was '
             'differentiated at.'
         )
+      called = [x.dtype for x in jax.tree.leaves(params)]
+      replayed = [x.dtype for x in leaves]
+      if called != replayed:
+        # KWNG's jacobian_dtype casts the params: a replay would silently
+        # differentiate the recorded float32 pass instead.
+        raise ValueError(
+            'replay_outputs_fn replays a forward pass recorded with params of '
+            f'dtypes {sorted(set(map(str, replayed)))}; it was called with '
+            f'{sorted(set(map(str, called)))}. With jacobian_dtype, pass '
+            'jacobian_outputs_fn=lambda p: model(p, x), a function that runs '
+            'the model in the dtype of its params.'
+        )
       return (jax.tree.unflatten(treedef, leaves),)
 
     replay.defvjp(replay_fwd, replay_bwd)

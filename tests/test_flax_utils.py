@@ -242,6 +242,23 @@ def test_replay_outputs_fn_takes_the_structure_of_its_params():
     jax.vjp(replay, {'only': jnp.ones(3)})[1](cotangent)
 
 
+def test_replayed_forward_pass_refuses_jacobian_dtype(mlp_problem):
+  """A replay differentiates the recorded float32 pass: with bf16 VJPs
+  (jacobian_dtype) it must not pass silently for one."""
+  params, outputs_fn, loss_fn = mlp_problem
+  del loss_fn
+  tx = kwng_jax.scale_by_kwng(num_basis=4, jacobian_dtype=jnp.bfloat16)
+  loss_from_outputs = lambda out: jnp.mean(jnp.square(out))  # noqa: E731
+  _, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
+      loss_from_outputs, outputs_fn, params)
+  with pytest.raises(ValueError, match='pass jacobian_outputs_fn'):
+    tx.update(grads, tx.init(params), params, outputs_fn=replay_fn)
+  # With the model run in bf16 for the VJPs, the update goes through.
+  updates, _ = tx.update(grads, tx.init(params), params, outputs_fn=replay_fn,
+                         jacobian_outputs_fn=outputs_fn)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
 class LinenNet(linen.Module):
 
   @linen.compact
