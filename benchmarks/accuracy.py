@@ -56,6 +56,8 @@ import numpy as np
 import kwng_jax
 from kwng_jax import exact
 
+import common
+
 EPSILON = 1e-5
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / 'results' / 'accuracy'
 #: Median relative error targets of the issue: (d, N, M) -> threshold.
@@ -543,11 +545,9 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> list[str]:
   """Writes the PNGs; returns their file names."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
   import matplotlib.ticker
+
+  plt = common.pyplot()
 
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   names = []
@@ -556,7 +556,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[str]:
     for ax in fig.axes:
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
-    fig.savefig(out / name, dpi=90)
+    common.save_png(fig, out / name, dpi=90)
     plt.close(fig)
     names.append(name)
 

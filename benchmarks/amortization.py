@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +46,8 @@ from tqdm import tqdm
 
 import kwng_jax
 from kwng_jax import datasets
+
+import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_BASIS = 5
@@ -81,12 +81,8 @@ def cross_entropy(logits, labels):
 
 
 def kwng_optimizer(learning_rate, **options):
-  """The published KWNG chain (what kwng_jax.kwng builds) with options."""
-  return kwng_jax.adaptive_damping(optax.chain(
-      kwng_jax.scale_by_kwng(NUM_BASIS, EPSILON, **options),
-      optax.clip_by_global_norm(1.0),
-      optax.scale_by_learning_rate(learning_rate),
-  ))
+  """The published KWNG chain, with amortization options."""
+  return kwng_jax.kwng(learning_rate, NUM_BASIS, EPSILON, **options)
 
 
 def methods(config):
@@ -217,7 +213,6 @@ def accuracy_errors(config, split, scales, runner):
   as the noise floor, two fresh directions with different random bases.
   """
   n, k = config['jacobian_samples'], config['update_every']
-  stream = batches(split, config['batch_size'], jax.random.key(2))
 
   @jax.jit
   def errors_at(params, state, images, labels, key):
@@ -306,9 +301,7 @@ def summary(errors):
 
 
 def plot(payload, path):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
 
   fig, (ax_time, ax_cos, ax_exact) = plt.subplots(1, 3, figsize=(15, 4.2))
   rows = payload['methods']
@@ -343,7 +336,7 @@ def plot(payload, path):
   else:
     ax_exact.set_axis_off()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.save_png(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -393,12 +386,9 @@ def main(argv=None):
       'stored_factors_formula': '(M + 1) * P * 4 + M * M * 4 + 9 (update_every > 1)',
       'stored_factors_bytes': int((NUM_BASIS + 1) * num_params * 4 + NUM_BASIS**2 * 4 + 9),
   }
-  device = jax.devices()[0]
   payload = {
       'config': config,
-      'device': {'platform': device.platform, 'device_kind': device.device_kind,
-                 'jax_version': jax.__version__, 'host_cpu_count': os.cpu_count(),
-                 'machine': platform.machine()},
+      'device': common.device_description(),
       'methods': rows,
       'memory': memory,
       'accuracy': {

@@ -188,7 +188,7 @@ def train(name: str, data: datasets.Split, args: argparse.Namespace, bar) -> dic
   for epoch in range(args.epochs):
     order = rng.permutation(num_train)
     epoch_start = time.perf_counter()
-    losses, correct = [], 0
+    losses = []
     for step in range(steps_per_epoch):
       batch = order[step * args.batch_size:(step + 1) * args.batch_size]
       images = data.train_images[batch]
@@ -247,8 +247,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
       + (' (synthetic data: smoke test)' if config['synthetic'] else '')
   )
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
+  common.save_png(fig, path, dpi=120)
   plt.close(fig)
 
 

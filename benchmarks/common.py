@@ -156,12 +156,13 @@ def save_png(fig: Any, path: pathlib.Path, *, dpi: int, **kwargs: Any) -> None:
 
   Args:
     fig: the figure.
-    path: where to write it.
+    path: where to write it (its folder is created if need be).
     dpi: resolution.
     **kwargs: more arguments of ``fig.savefig`` (e.g. ``bbox_inches``).
   """
   from PIL import Image  # matplotlib's own dependency
 
+  path.parent.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=dpi, **kwargs)
   buffer.seek(0)

@@ -322,8 +322,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
       f"{device['platform']} ({device['device_kind']})"
   )
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
+  common.save_png(fig, path, dpi=120)
   plt.close(fig)
 
 

@@ -12,7 +12,7 @@ Every optimizer trains the same Flax NNX model, with the same jitted step
 KWNG is the published optimizer (``kwng_jax.kwng``: M basis functions,
 adaptive ε, clip 1) for each M of ``--num-basis`` (default 5, 10, 20), plus,
 per ``--kwng-variant`` and each M of ``--variant-num-basis`` (default 5), the
-same chain with extra ``scale_by_kwng`` options. The default variants are the
+same chain with extra ``kwng_jax.kwng`` options. The default variants are the
 three amortization options: ``update_every=10``, ``jacobian_samples=32`` (the
 step then also passes ``jacobian_outputs_fn``, the model on the first 32
 images, so that T costs 32 samples' VJPs) and ``jacobian_dtype=bfloat16``
@@ -105,14 +105,14 @@ def batch(name: str, batch_size: int) -> tuple[jax.Array, jax.Array, str]:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-  """``'jacobian_samples=32,update_every=5'`` -> options of scale_by_kwng."""
-  accepted = set(inspect.signature(kwng_jax.scale_by_kwng).parameters) - {'num_basis'}
+  """``'jacobian_samples=32,update_every=5'`` -> options of kwng_jax.kwng."""
+  accepted = set(inspect.signature(kwng_jax.kwng).parameters) - {'learning_rate', 'num_basis'}
   options = {}
   for item in filter(None, text.split(',')):
     key, sep, value = item.partition('=')
     if not sep or key not in accepted:
       raise ValueError(f'--kwng-variant {text!r}: {item!r} is not KEY=VALUE with KEY an '
-                       f'option of kwng_jax.scale_by_kwng ({sorted(accepted)}).')
+                       f'option of kwng_jax.kwng ({sorted(accepted)}).')
     for convert in (int, float):
       try:
         options[key] = convert(value)
@@ -125,13 +125,8 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 def kwng_optimizer(num_basis: int, options: dict[str, Any]) -> optax.GradientTransformation:
-  """The published chain (kwng_jax.kwng), with extra scale_by_kwng options."""
-  if not options:
-    return kwng_jax.kwng(1.0, num_basis=num_basis)
-  return kwng_jax.adaptive_damping(optax.chain(
-      kwng_jax.scale_by_kwng(num_basis, **options),
-      optax.clip_by_global_norm(1.0),
-      optax.scale_by_learning_rate(1.0)))
+  """The published chain (``kwng_jax.kwng``, learning rate 1), with extra options."""
+  return kwng_jax.kwng(1.0, num_basis=num_basis, **options)
 
 
 def optimizers(num_basis: Sequence[int], variants: Sequence[str],
@@ -353,7 +348,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--variant-num-basis', type=int, nargs='+', default=[5],
                       help='the M of the --kwng-variant rows.')
   parser.add_argument('--kwng-variant', action='append', default=None,
-                      help='extra KWNG rows with these scale_by_kwng options, e.g. '
+                      help='extra KWNG rows with these kwng_jax.kwng options, e.g. '
                            '"jacobian_samples=32" (repeatable; comma-separated KEY=VALUE; '
                            f'default {DEFAULT_VARIANTS}, "" for none).')
   parser.add_argument('--forward', choices=('fused', 'separate'), default='fused',

@@ -45,6 +45,8 @@ import numpy as np
 import kwng_jax
 from kwng_jax import exact
 
+import common
+
 EPSILON = 1e-5
 RESCALE = 1e3
 NATURAL_LEARNING_RATE = 0.1
@@ -228,10 +230,7 @@ def run_dimension(config: TrajectoryConfig, dim: int, progress) -> dict[str, Any
 
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> str:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
 
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   dims = list(results['dims'])
@@ -249,7 +248,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> str:
            title=f'{dim_key}: solid θ; dashed θ = s ⊙ φ, one s_j = {RESCALE:g}')
     ax.legend(fontsize=6.5, ncol=2)
   fig.tight_layout()
-  fig.savefig(out / 'trajectory.png', dpi=90)
+  common.save_png(fig, out / 'trajectory.png', dpi=90)
   plt.close(fig)
   return 'trajectory.png'
 

@@ -20,6 +20,8 @@ def load_script(name):
   module_name = f'benchmark_{name}'
   if module_name in sys.modules:
     return sys.modules[module_name]
+  if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling ``common``
   spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   # Dataclasses look their module up in sys.modules while it executes.
