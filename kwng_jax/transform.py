@@ -220,7 +220,7 @@ def scale_by_kwng(
     if stored is None:
       preconditioner = build()
     else:
-      _warn_if_convolutions_on_cpu(outputs_fn, params)
+      _warn_if_convolutions_on_cpu(jacobian_outputs_fn or outputs_fn, params)
       stored = _pin_shardings(stored, params)
       # A placeholder, or factors built from non-finite samples, are rebuilt.
       rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
@@ -250,9 +250,12 @@ def _warn_if_convolutions_on_cpu(outputs_fn, params) -> None:
   The rebuild of ``update_every`` runs under ``lax.cond``; XLA:CPU gives the
   convolutions of a conditional branch a generic loop (jax-ml/jax#12868),
   which made the digits CNN's rebuild ~10x slower than outside the branch.
+  ``outputs_fn`` is the function the rebuild differentiates. Its VJP is
+  traced once more for this check, on CPU only.
   """
   if jax.default_backend() != 'cpu':
     return
+
   def backward(p):
     # The VJP is what the rebuild runs (a replayed forward pass holds its
     # convolutions in the backward rule only).

@@ -129,35 +129,49 @@ def test_nonfinite_samples_at_a_build_are_rebuilt_next_step(mlp_problem):
   assert relative_error(direction, fresh_direction(outputs_fn, params, grads, count=1, seed=0)) < 1e-4
 
 
-@pytest.mark.parametrize('convolutional', [True, False])
-def test_update_every_warns_of_convolutions_on_cpu(convolutional):
+@pytest.mark.parametrize('convolution_in', ['outputs_fn', 'jacobian_outputs_fn', None])
+def test_update_every_warns_of_convolutions_on_cpu(convolution_in):
   """XLA:CPU runs convolutions inside lax.cond (the rebuild) far slower: the
-  trace warns with update_every > 1 on CPU when the VJP holds one."""
+  trace warns with update_every > 1 on CPU when the function the rebuild
+  differentiates (jacobian_outputs_fn if given) holds one."""
   assert jax.default_backend() == 'cpu'
   images = jnp.ones((16, 6, 6, 1))
   params = {'w': jnp.ones((3, 3, 1, 2)) / 9.0}
 
-  def outputs_fn(p):
-    if convolutional:
-      features = jax.lax.conv_general_dilated(
-          images, p['w'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    else:
-      features = images[..., :1] * p['w'][0, 0, 0][None, None, None, :]
+  def convolutional(p):
+    features = jax.lax.conv_general_dilated(
+        images, p['w'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return features.mean(axis=(1, 2))
 
+  def dense(p):
+    return (images[..., :1] * p['w'][0, 0, 0][None, None, None, :]).mean(axis=(1, 2))
+
+  functions = {
+      'outputs_fn': convolutional if convolution_in == 'outputs_fn' else dense,
+      'jacobian_outputs_fn': (
+          convolutional if convolution_in == 'jacobian_outputs_fn' else dense),
+  }
   opt = kwng_jax.scale_by_kwng(num_basis=2, update_every=2)
   grads = jax.tree.map(jnp.ones_like, params)
-  update = jax.jit(lambda s: opt.update(grads, s, params, outputs_fn=outputs_fn))
+  update = jax.jit(lambda s: opt.update(grads, s, params, **functions))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     update.lower(opt.init(params))
   messages = [str(w.message) for w in caught if 'jax-ml/jax#12868' in str(w.message)]
-  assert len(messages) == int(convolutional)
+  # A convolution in outputs_fn alone is not differentiated by the rebuild.
+  assert len(messages) == int(convolution_in == 'jacobian_outputs_fn')
+  # Without jacobian_outputs_fn, the rebuild differentiates outputs_fn.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    jax.jit(lambda s: opt.update(grads, s, params, outputs_fn=functions['outputs_fn'])).lower(
+        opt.init(params))
+  messages = [str(w.message) for w in caught if 'jax-ml/jax#12868' in str(w.message)]
+  assert len(messages) == int(convolution_in == 'outputs_fn')
   # update_every=1 has no conditional, and no warning.
   plain = kwng_jax.scale_by_kwng(num_basis=2)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    jax.jit(lambda s: plain.update(grads, s, params, outputs_fn=outputs_fn)).lower(
+    jax.jit(lambda s: plain.update(grads, s, params, outputs_fn=convolutional)).lower(
         plain.init(params))
 
 
