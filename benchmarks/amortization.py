@@ -82,7 +82,7 @@ def cross_entropy(logits, labels):
 
 def kwng_optimizer(learning_rate, **options):
   """The published KWNG chain, with amortization options."""
-  return kwng_jax.kwng(learning_rate, NUM_BASIS, EPSILON, **options)
+  return kwng_jax.published_kwng(learning_rate, NUM_BASIS, EPSILON, **options)
 
 
 def methods(config):

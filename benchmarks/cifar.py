@@ -81,7 +81,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, num_basis: int):
   if name == 'sgd':
     return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule))
   if name == 'kwng':
-    return kwng_jax.kwng(schedule, num_basis=num_basis)
+    return kwng_jax.published_kwng(schedule, num_basis=num_basis)
   raise ValueError(f'Unknown optimizer {name!r}; use sgd or kwng.')
 
 

@@ -7,30 +7,35 @@ with a well-conditioned head and with the paper's ill-conditioned head
 (logits × ``logspace(-6, 1, 10)``, condition number 1e7).
 
 Optimizers: SGD, SGD with momentum, Adam, AdamW, Sophia
-(``optax.contrib.sophia``, a diagonal-Hessian second-order method), KWNG in
-the published configuration (SGD base, clip 1, adaptive ε from 1e-5, M = 5,
-damping 'reference'), and KWNG chained with momentum and with Adam. kfac-jax
-is not run: its latest release does not run with this project's jax
-(:data:`KFAC_JAX` says why; the JSON and the README repeat it). Each
-optimizer runs on a small learning-rate grid with several seeds, compiled
-once per model (see :class:`GridTrainer`).
+(``optax.contrib.sophia``, a diagonal-Hessian second-order method), Muon
+(``optax.contrib.muon``: orthogonalized momentum on the weight matrices,
+AdamW at its own ``adam_learning_rate`` on the other parameters; two values
+of that rate, each its own entry), Prodigy (``optax.contrib.prodigy``, which
+estimates its own step size), KWNG in the published configuration
+(``kwng_jax.published_kwng``: SGD base, clip 1, adaptive ε from 1e-5, M = 5,
+damping 'reference') and the recommended KWNG (``kwng_jax.kwng``: steps
+capped by how far the logits move, ε adapted at every step, damping
+'safe'). kfac-jax is not run: its latest release does not run with this
+project's jax (:data:`KFAC_JAX` says why; the JSON and the README repeat
+it). Each optimizer runs on a learning-rate grid with several seeds,
+compiled once per model (see :class:`GridTrainer`).
 
 Selection is honest: the learning rate of each optimizer is the one with the
 best mean *validation* accuracy at the last epoch; the tables report the
-*test* accuracy of that learning rate (mean ± std over seeds). The KWNG
-search (ill-conditioned MLP) is greedy, one axis at a time (ε schedule,
-damping, M, base optimizer, refresh interval), selected on validation
-accuracy with the selection seeds; its winner and tuned Adam are then rerun
-with fresh seeds and compared on the test set.
+*test* accuracy of that learning rate (mean ± std over seeds). Then, on each
+task, the recommended KWNG and the baselines (each at its selected learning
+rate; Muon at its better AdamW rate) are rerun on fresh seeds and compared
+on the test set with paired differences (the same seed gives the same
+initialization and minibatch order).
 
 Run (from the repository root)::
 
-  python benchmarks/classification.py            # full: ~25 min on 2 shared CPU cores
+  python benchmarks/classification.py            # full: ~40 min on 2 CPU cores
   python benchmarks/classification.py --quick    # CI smoke test (compile-bound)
   python benchmarks/classification.py --epochs 300 --cnn-epochs 100 --seeds 5  # bigger
 
-Writes ``classification.json`` and ``classification.png`` (curves),
-``classification_search.png`` (the KWNG search) under ``--out``.
+Writes ``classification.json``, ``classification.png`` (curves) and
+``classification_fresh_seeds.png`` (the fresh-seed comparison) under ``--out``.
 """
 
 from __future__ import annotations
@@ -146,80 +151,28 @@ def make_task(model: str, *, hidden: int) -> Task:
 # ------------------------------------------------------------ optimizers
 
 
-@dataclasses.dataclass(frozen=True)
-class KWNGConfig:
-  """A KWNG variant: the published configuration is the default.
-
-  Attributes:
-    num_basis: M.
-    damping: 'reference' (published), 'squared' or 'identity'.
-    epsilon: the initial ε.
-    adaptive: adapt ε with the published Levenberg–Marquardt rule.
-    base: what follows the KWNG direction: 'sgd' (clip to norm 1, then the
-      learning rate: published), 'momentum' (clip 1, heavy ball 0.9) or
-      'adam' (Adam's moments on the KWNG direction, no clip).
-    update_every: recompute the preconditioner every this many steps
-      (``scale_by_kwng(update_every=...)``; 1 = every step, published).
-  """
-
-  num_basis: int = 5
-  damping: str = 'reference'
-  epsilon: float = 1e-5
-  adaptive: bool = True
-  base: str = 'sgd'
-  update_every: int = 1
-
-  def label(self) -> str:
-    """A readable name, e.g. ``KWNG[sgd, M=5, reference, adaptive eps 1e-05]``."""
-    schedule = 'adaptive' if self.adaptive else 'fixed'
-    refresh = f', refresh {self.update_every}' if self.update_every != 1 else ''
-    return (f'KWNG[{self.base}, M={self.num_basis}, {self.damping}, '
-            f'{schedule} eps {self.epsilon:g}{refresh}]')
-
-  @property
-  def learning_rates(self) -> tuple[float, ...]:
-    """The learning-rate grid of its base optimizer."""
-    return LEARNING_RATES[f'kwng_{self.base}']
-
-  def optimizer(self, learning_rate, seed) -> optax.GradientTransformation:
-    """The optax chain; ``seed`` seeds the basis draws."""
-    options = {'update_every': self.update_every} if self.update_every != 1 else {}
-    direction = kwng_jax.scale_by_kwng(self.num_basis, self.epsilon, damping=self.damping,
-                                       seed=seed, **options)
-    if self.base == 'sgd':
-      tail = [optax.clip_by_global_norm(1.0)]
-    elif self.base == 'momentum':
-      tail = [optax.clip_by_global_norm(1.0), optax.trace(0.9)]
-    elif self.base == 'adam':
-      tail = [optax.scale_by_adam()]
-    else:
-      raise ValueError(f"base={self.base!r}: choose 'sgd', 'momentum' or 'adam'.")
-    chain = optax.chain(direction, *tail, optax.scale_by_learning_rate(learning_rate))
-    return kwng_jax.adaptive_damping(chain) if self.adaptive else chain
-
-
 # Learning-rate grids, wide enough that the learning rate chosen on the MLP
 # tasks lies inside the grid (a first run of this benchmark found Adam's best
-# at 0.1 on the ill-conditioned MLP, hence 0.3). KWNG with the SGD base clips
-# its direction to norm 1, so its learning rate is the step length
+# at 0.1 on the ill-conditioned MLP, hence 0.3). The published KWNG clips its
+# direction to norm 1, so its learning rate is the Euclidean step length
 # (published: 10 on CIFAR-10); the ill-conditioned head wants steps about 100
-# times longer than the well-conditioned one, hence seven values.
+# times longer than the well-conditioned one, hence seven values. The
+# recommended KWNG's learning rate is the largest RMS move of the logits per
+# step (default 1). Muon's rate applies to its orthogonalized matrix updates
+# (optax's examples use 0.02–1); Prodigy's multiplies its estimated step.
 LEARNING_RATES = {
     'sgd': (0.03, 0.1, 0.3, 1.0, 3.0),
     'momentum': (0.01, 0.03, 0.1, 0.3),
     'adam': (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     'sophia': (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    'kwng_sgd': (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
-    'kwng_momentum': (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
-    'kwng_adam': (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    'muon': (0.03, 0.1, 0.3, 1.0, 3.0),
+    'prodigy': (0.3, 1.0, 3.0),
+    'kwng_published': (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+    'kwng': (0.3, 1.0, 3.0, 10.0),
 }
-# The KWNG search runs on the ill-conditioned MLP alone: five values per base
-# optimizer, around the ill-conditioned choices of the grids above.
-SEARCH_LEARNING_RATES = {
-    'sgd': (1.0, 3.0, 10.0, 30.0, 100.0),
-    'momentum': (0.1, 0.3, 1.0, 3.0, 10.0),
-    'adam': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-}
+# Muon's AdamW rate for the biases (and, on the CNN, the convolution
+# kernels): its own small grid, one benchmark entry per value.
+MUON_ADAM_LEARNING_RATES = (3e-3, 3e-2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +186,32 @@ class Method:
 
 
 def _published_kwng(learning_rate, seed):
-  return kwng_jax.kwng(learning_rate, num_basis=5, epsilon=1e-5, damping='reference',
-                       max_norm=1.0, adaptive=True, seed=seed)
+  return kwng_jax.published_kwng(learning_rate, num_basis=5, epsilon=1e-5, damping='reference',
+                                 max_norm=1.0, adaptive=True, seed=seed)
+
+
+def _kwng(learning_rate, seed):
+  return kwng_jax.kwng(learning_rate, seed=seed)
+
+
+def _muon(adam_learning_rate):
+  def factory(learning_rate, seed):
+    del seed
+    return optax.contrib.muon(learning_rate, adam_learning_rate=adam_learning_rate)
+  return factory
+
+
+def _prodigy(learning_rate, seed):
+  del seed
+  return optax.contrib.prodigy(learning_rate)
+
+
+def muon_name(adam_learning_rate: float) -> str:
+  return f'Muon (AdamW {adam_learning_rate:g})'
+
+
+#: The recommended optimizer, the name the targets and the README use.
+KWNG = 'KWNG'
 
 
 def methods() -> list[Method]:
@@ -249,11 +226,15 @@ def methods() -> list[Method]:
              LEARNING_RATES['adam'], 'optax.adamw(weight_decay=1e-2)'),
       Method('Sophia', ignoring_seed(optax.contrib.sophia), LEARNING_RATES['sophia'],
              'optax.contrib.sophia (Hutchinson diagonal Hessian every 10 steps)'),
-      Method('KWNG (published)', _published_kwng, LEARNING_RATES['kwng_sgd'],
-             'kwng_jax.kwng: SGD base, clip 1, adaptive eps from 1e-5, M=5, damping reference'),
-      *(Method(name, config.optimizer, config.learning_rates, config.label())
-        for name, config in (('KWNG+momentum', KWNGConfig(base='momentum')),
-                             ('KWNG+Adam', KWNGConfig(base='adam')))),
+      *(Method(muon_name(adam_lr), _muon(adam_lr), LEARNING_RATES['muon'],
+               f'optax.contrib.muon(adam_learning_rate={adam_lr:g})')
+        for adam_lr in MUON_ADAM_LEARNING_RATES),
+      Method('Prodigy', _prodigy, LEARNING_RATES['prodigy'], 'optax.contrib.prodigy'),
+      Method('KWNG (published)', _published_kwng, LEARNING_RATES['kwng_published'],
+             'kwng_jax.published_kwng: SGD base, clip 1, adaptive eps from 1e-5 (window 5), '
+             'M=5, damping reference'),
+      Method(KWNG, _kwng, LEARNING_RATES['kwng'],
+             'kwng_jax.kwng: M=5, damping safe, displacement cap, adaptive eps every step'),
   ]
 
 
@@ -481,24 +462,7 @@ def summarize(result: dict[str, Any], learning_rates: Sequence[float]) -> dict[s
   }
 
 
-# ---------------------------------------------------------------- search
-
-
-# The axes of the KWNG search, in the order they are searched; each value is
-# a change of KWNGConfig fields. The first value of each axis is the
-# published choice.
-SEARCH_AXES: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
-    ('epsilon schedule', (
-        {'adaptive': True, 'epsilon': 1e-5},
-        {'adaptive': False, 'epsilon': 1e-5},
-        {'adaptive': False, 'epsilon': 1e-2},
-        {'adaptive': False, 'epsilon': 1.0},
-    )),
-    ('damping', ({'damping': 'reference'}, {'damping': 'squared'}, {'damping': 'identity'})),
-    ('num_basis', ({'num_basis': 5}, {'num_basis': 10}, {'num_basis': 20})),
-    ('base optimizer', ({'base': 'sgd'}, {'base': 'momentum'}, {'base': 'adam'})),
-    ('refresh', ({'update_every': 1}, {'update_every': 5})),
-)
+# ---------------------------------------------------------- comparisons
 
 
 class Runner:
@@ -539,61 +503,26 @@ class Runner:
     return summarize(result, learning_rates)
 
 
-def search_kwng(runner: Runner, data: Data, published: dict[str, Any], epochs: int,
-                axes=SEARCH_AXES) -> tuple[dict[str, Any], KWNGConfig]:
-  """Greedy search over KWNG variants on the ill-conditioned MLP.
+def confirm(runner: Runner, model: str, entries: Sequence[tuple[str, str, float]], data: Data,
+            epochs: int, seeds: Sequence[int]) -> dict[str, Any]:
+  """Reruns (name, trainer key, learning rate) entries of a model with fresh seeds.
 
-  Starts from the published configuration (whose grid result
-  ``published`` is reused) and, axis after axis, tries every value of the
-  axis with the other fields at the best values so far; the best (mean final
-  validation accuracy at its best learning rate, selection seeds) is kept.
-
-  Returns:
-    The record of the search (stages, every configuration's summary) and the
-    best configuration.
-  """
-  current = KWNGConfig()
-  evaluated = {current: published}
-  stages = []
-  for axis, changes in axes:
-    candidates = [dataclasses.replace(current, **change) for change in changes]
-    for config in candidates:
-      if config not in evaluated:
-        runner.bar.set_description(f'search {config.label()}')
-        evaluated[config] = runner.run('mlp', config.label(), config.optimizer,
-                                       SEARCH_LEARNING_RATES[config.base], data, epochs)
-    current = max(candidates, key=lambda c: evaluated[c]['val_accuracy']['mean'])
-    stages.append({'axis': axis, 'tried': [c.label() for c in candidates],
-                   'chosen': current.label()})
-  record = {
-      'axes': [{'axis': axis, 'values': list(changes)} for axis, changes in axes],
-      'learning_rates': {base: list(runner.grid(grid))
-                         for base, grid in SEARCH_LEARNING_RATES.items()},
-      'stages': stages,
-      'configs': [{'label': config.label(), 'config': dataclasses.asdict(config),
-                   'summary': summary} for config, summary in evaluated.items()],
-      'best': {'label': current.label(), 'config': dataclasses.asdict(current)},
-  }
-  return record, current
-
-
-def confirm(runner: Runner, entries: Sequence[tuple[str, str, float]], data: Data,
-            epochs: int, first_seed: int) -> dict[str, Any]:
-  """Reruns (name, trainer key, learning rate) entries with fresh seeds.
-
-  Every compiled trainer runs a fixed number of runs at once; the
-  confirmation fills them with that many new seeds at the selected learning
-  rate, so nothing is recompiled.
+  Each entry's compiled trainer is reused when it runs as many runs as there
+  are seeds (the MLP's vmapped grid has a fixed size); otherwise a trainer
+  of that size is compiled once per entry and model.
   """
   results = {}
+  seeds = list(seeds)
   for name, key, learning_rate in entries:
-    trainer = runner.trainers['mlp', key]
-    seeds = list(range(first_seed, first_seed + trainer.num_runs))
-    runner.bar.set_description(f'confirm {name}')
+    trainer = runner.trainers[model, key]
+    if trainer.num_runs != len(seeds):
+      factory = next(m.factory for m in methods() if m.name == key)
+      trainer = runner.trainer(model, f'{key}, {len(seeds)} runs', factory, len(seeds), data)
+    runner.bar.set_description(f'{model} fresh seeds {name}')
     result = trainer.train([learning_rate] * len(seeds), seeds, data, epochs=epochs,
                            bar=runner.bar)
     accuracy = _final(result['runs'], 'test_accuracy')
-    results[name] = {'learning_rate': learning_rate, 'seeds': seeds,
+    results[name] = {'method': key, 'learning_rate': learning_rate, 'seeds': seeds,
                      'test_accuracy': common.spread(accuracy),
                      'test_accuracy_per_seed': accuracy,
                      'train_loss': common.spread(_final(result['runs'], 'train_loss'))}
@@ -619,36 +548,50 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ main
 
 
+#: The optimizers rerun on fresh seeds against the recommended KWNG ('Muon'
+#: stands for the Muon entry with the better validation accuracy).
+COMPARED = ('SGD', 'Adam', 'Muon', 'Prodigy', 'KWNG (published)', KWNG)
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-  """Runs every task, the KWNG search and the confirmation; returns the payload."""
+  """Runs every task's grids and the fresh-seed comparisons; returns the payload."""
   all_methods = [m for m in methods() if not args.optimizers or m.name in args.optimizers]
   data = {conditioning: load_data(conditioning) for conditioning in args.conditionings}
   epochs = {'mlp': args.epochs, 'cnn': args.cnn_epochs}
-  do_search = args.search and 'mlp' in args.models and 'ill' in args.conditionings
-  search_axes = SEARCH_AXES
-  if args.quick:  # one axis, one alternative: the search's code path, one compile
-    search_axes = ((SEARCH_AXES[0][0], SEARCH_AXES[0][1][:2]),)
+  fresh_seeds = list(range(args.fresh_seed, args.fresh_seed + args.fresh_seeds))
 
   total = sum(epochs[model] for model in args.models) * len(all_methods) * len(args.conditionings)
   bar = common.progress(total, 'classification')
   runner = Runner(seeds=range(args.seeds), batch_size=args.batch_size, hidden=args.hidden,
                   num_learning_rates=2 if args.quick else None, bar=bar)
-  tasks = []
+  tasks, fresh = [], []
   for model in args.models:
-    for method in all_methods:
-      for conditioning in args.conditionings:
+    for conditioning in args.conditionings:
+      summaries = {}
+      for method in all_methods:
         bar.set_description(f'{model}/{conditioning} {method.name}')
         summary = runner.run(model, method.name, method.factory, method.learning_rates,
                              data[conditioning], epochs[model])
+        summaries[method.name] = summary
         tasks.append({'model': model, 'conditioning': conditioning, 'method': method.name,
                       'description': method.description, 'epochs': epochs[model], **summary})
+      entries = comparison_entries(summaries)
+      if KWNG in summaries and len(entries) > 1 and args.fresh_seeds > 1:
+        bar.total += epochs[model] * len(entries)
+        results = confirm(runner, model, entries, data[conditioning], epochs[model],
+                          fresh_seeds)
+        fresh.append({'model': model, 'conditioning': conditioning, 'epochs': epochs[model],
+                      'entries': results,
+                      'versus': {name: paired_difference(results[KWNG], entry)
+                                 for name, entry in results.items() if name != KWNG}})
+  bar.close()
 
   payload: dict[str, Any] = {
       'benchmark': 'classification',
       'config': {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
       'device': common.device_description(),
-      'versions': {name: importlib.metadata.version(name)
-                   for name in ('jax', 'optax', 'flax', 'kwng_jax')},
+      'versions': {'jax': jax.__version__, 'optax': optax.__version__,
+                   'flax': importlib.metadata.version('flax'), 'kwng_jax': kwng_jax.__version__},
       'data': {'train': int(data[args.conditionings[0]].train_labels.shape[0]),
                'val': int(data[args.conditionings[0]].val_labels.shape[0]),
                'test': int(data[args.conditionings[0]].test_labels.shape[0])},
@@ -656,64 +599,67 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                    'learning_rates': list(runner.grid(m.learning_rates))} for m in all_methods],
       'kfac_jax': KFAC_JAX,
       'results': tasks,
+      'fresh_seeds': fresh,
   }
-
-  def result(model, conditioning, method):
-    return next((t for t in tasks if (t['model'], t['conditioning'], t['method'])
-                 == (model, conditioning, method)), None)
-
-  published = result('mlp', 'ill', 'KWNG (published)')
-  if do_search and published is not None:
-    search_epochs = epochs['mlp']
-    bar.total += search_epochs * sum(len(changes) - 1 for _, changes in search_axes)
-    payload['search'], best_config = search_kwng(runner, data['ill'], published,
-                                                 search_epochs, search_axes)
-    entries = [(name, name, result('mlp', 'ill', name)['selected_learning_rate'])
-               for name in ('SGD', 'Adam', 'KWNG (published)') if result('mlp', 'ill', name)]
-    best_summary = next(c['summary'] for c in payload['search']['configs']
-                        if c['label'] == best_config.label())
-    # The published configuration's trainer is keyed by its method name.
-    best_key = 'KWNG (published)' if best_config == KWNGConfig() else best_config.label()
-    entries.append(('KWNG (searched)', best_key, best_summary['selected_learning_rate']))
-    bar.total += search_epochs * len(entries)
-    payload['confirmation'] = confirm(runner, entries, data['ill'], search_epochs,
-                                      first_seed=args.confirm_seed)
-    payload['confirmation_best_label'] = best_config.label()
-  bar.close()
   payload['targets'] = targets(payload)
   return payload
 
 
+def comparison_entries(summaries: dict[str, dict[str, Any]]) -> list[tuple[str, str, float]]:
+  """(name, method, selected learning rate) of the optimizers rerun on fresh seeds."""
+  muons = [name for name in summaries if name.startswith('Muon')]
+  entries = []
+  for name in COMPARED:
+    method = name
+    if name == 'Muon' and muons:
+      method = max(muons, key=lambda m: summaries[m]['val_accuracy']['mean'])
+    if method in summaries:
+      entries.append((name, method, summaries[method]['selected_learning_rate']))
+  return entries
+
+
 def targets(payload: dict[str, Any]) -> dict[str, Any]:
-  """The issue's targets on the ill-conditioned MLP, computed from the results."""
-  def final(method):
-    return next((t for t in payload['results'] if (t['model'], t['conditioning'], t['method'])
-                 == ('mlp', 'ill', method)), None)
+  """The recommended KWNG's targets, computed from the fresh-seed comparisons."""
+  def comparison(model, conditioning):
+    return next((f for f in payload['fresh_seeds']
+                 if (f['model'], f['conditioning']) == (model, conditioning)), None)
+
+  def beats(model, rival, points):
+    entry = comparison(model, 'ill')
+    if entry is None or rival not in entry['versus']:
+      return None
+    diff = entry['versus'][rival]
+    margin = 100 * diff['mean'] - points
+    standard_error = 100 * (diff['standard_error'] or float('nan'))
+    return {'target': f'KWNG >= {rival} + {points} points, {model.upper()} ill-conditioned, '
+                      'the difference above twice its paired standard error',
+            'points': 100 * diff['mean'], 'paired_standard_error_points': standard_error,
+            'met': bool(margin >= 0 and 100 * diff['mean'] > 2 * standard_error)}
 
   out: dict[str, Any] = {}
-  sgd, kwng = final('SGD'), final('KWNG (published)')
-  if sgd and kwng:
-    points = 100 * (kwng['test_accuracy']['mean'] - sgd['test_accuracy']['mean'])
-    out['published_kwng_vs_best_sgd'] = {
-        'target': 'published KWNG beats the best SGD learning rate by >= 10 points of test '
-                  'accuracy at equal epochs (ill-conditioned MLP)',
-        'points_selection_seeds': points, 'met_selection_seeds': points >= 10}
-  confirmation = payload.get('confirmation', {})
-  if 'SGD' in confirmation and 'KWNG (published)' in confirmation:
-    diff = paired_difference(confirmation['KWNG (published)'], confirmation['SGD'])
-    out['published_kwng_vs_best_sgd'].update(
-        points_fresh_seeds=100 * diff['mean'], met_fresh_seeds=100 * diff['mean'] >= 10,
-        paired_fresh_seeds=diff)
-  if 'Adam' in confirmation and 'KWNG (searched)' in confirmation:
-    diff = paired_difference(confirmation['KWNG (searched)'], confirmation['Adam'])
-    out['searched_kwng_vs_tuned_adam'] = {
-        'target': 'a KWNG configuration found by the search beats tuned Adam '
-                  '(ill-conditioned MLP, fresh seeds, test accuracy at the last epoch)',
-        'kwng_config': payload.get('confirmation_best_label'),
-        'paired_fresh_seeds': diff,
-        'met': diff['mean'] > 0 and diff['standard_error'] is not None
-               and diff['mean'] > 2 * diff['standard_error'],
-    }
+  for key, (model, rival, points) in {
+      'mlp_vs_adam': ('mlp', 'Adam', 10), 'mlp_vs_muon': ('mlp', 'Muon', 3),
+      'cnn_vs_adam': ('cnn', 'Adam', 10), 'cnn_vs_muon': ('cnn', 'Muon', 0)}.items():
+    result = beats(model, rival, points)
+    if result is not None:
+      out[key] = result
+  for model, limit in (('mlp', 5),):
+    ill, well = comparison(model, 'ill'), comparison(model, 'well')
+    if ill and well:
+      gap = 100 * (well['entries'][KWNG]['test_accuracy']['mean']
+                   - ill['entries'][KWNG]['test_accuracy']['mean'])
+      out[f'{model}_ill_within_{limit}_of_well'] = {
+          'target': f'KWNG ill-conditioned within {limit} points of its well-conditioned '
+                    f'accuracy ({model.upper()})', 'gap_points': gap, 'met': bool(gap <= limit)}
+  for model, limit in (('mlp', 2), ('cnn', None)):
+    well = comparison(model, 'well')
+    if well and 'Adam' in well['versus']:
+      points = 100 * well['versus']['Adam']['mean']
+      out[f'{model}_well_vs_adam'] = {
+          'target': (f'KWNG within {limit} points of tuned Adam, well-conditioned '
+                     f'{model.upper()}' if limit else
+                     'KWNG against tuned Adam, well-conditioned CNN (reported)'),
+          'points': points, 'met': None if limit is None else bool(points >= -limit)}
   return out
 
 
@@ -727,13 +673,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--optimizers', nargs='+', default=None,
                       help='a subset of the optimizer names (default: all).')
   parser.add_argument('--epochs', type=int, default=100, help='MLP epochs.')
-  parser.add_argument('--cnn-epochs', type=int, default=15, help='CNN epochs.')
+  parser.add_argument('--cnn-epochs', type=int, default=30, help='CNN epochs.')
   parser.add_argument('--seeds', type=int, default=3)
-  parser.add_argument('--confirm-seed', type=int, default=100,
-                      help='first of the fresh seeds of the confirmation runs.')
+  parser.add_argument('--fresh-seed', type=int, default=100,
+                      help='first of the fresh seeds of the comparison runs.')
+  parser.add_argument('--fresh-seeds', type=int, default=10,
+                      help='number of fresh seeds of the comparison runs.')
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--hidden', type=int, default=128, help='MLP hidden width.')
-  parser.add_argument('--no-search', dest='search', action='store_false')
   parser.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
   parser.add_argument('--replot', type=pathlib.Path, default=None,
                       help='only redraw the plots (next to it) and reprint the tables of '
@@ -741,6 +688,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.quick:
     args.models, args.epochs, args.cnn_epochs, args.seeds, args.hidden = ['mlp'], 2, 1, 2, 16
+    args.fresh_seeds = 2
   names = [m.name for m in methods()]
   unknown = set(args.optimizers or ()) - set(names)
   if unknown:
@@ -797,27 +745,27 @@ def print_report(payload: dict[str, Any]) -> None:
             f"{1e3 * r['seconds_per_run_epoch']:>12.1f} {r['compile_seconds']:>9.1f}"
             f"{' (reused)' if r['reused_compilation'] else ''}")
   print(f"\nkfac-jax: {payload['kfac_jax']}")
-  if 'search' in payload:
-    print('\nKWNG search (ill-conditioned MLP; validation accuracy, selection seeds):')
-    for config in payload['search']['configs']:
-      summary = config['summary']
-      print(f"  {config['label']:<58} lr {summary['selected_learning_rate']:<6g} "
-            f"val {_pm(summary['val_accuracy'])}  test {_pm(summary['test_accuracy'])}")
-    print(f"  best: {payload['search']['best']['label']}")
-    print('\nConfirmation with fresh seeds (test accuracy at the last epoch):')
-    for name, entry in payload['confirmation'].items():
+  for comparison in payload['fresh_seeds']:
+    print(f"\nFresh seeds, {comparison['model'].upper()} {comparison['conditioning']}-conditioned "
+          '(test accuracy at the last epoch; KWNG minus each, paired):')
+    for name, entry in comparison['entries'].items():
+      versus = comparison['versus'].get(name)
+      paired = ('' if versus is None else
+                f"  KWNG - it: {100 * versus['mean']:+.1f} ± "
+                f"{100 * (versus['standard_error'] or 0):.1f} points ({versus['wins']} wins)")
       print(f"  {name:<18} lr {entry['learning_rate']:<6g} {_pm(entry['test_accuracy'])} "
-            f"({len(entry['seeds'])} seeds)")
+            f"({len(entry['seeds'])} seeds){paired}")
   for name, target in payload['targets'].items():
     print(f'\ntarget {name}: {json.dumps(target)}')
 
 
 def plot(payload: dict[str, Any], out: pathlib.Path) -> None:
-  """Draws ``classification.png`` (curves) and ``classification_search.png``."""
+  """Draws ``classification.png`` (curves) and ``classification_fresh_seeds.png``."""
   plt = common.pyplot()
   tasks = _task_results(payload)
   names = [m['name'] for m in payload['methods']]
-  colors = {name: plt.get_cmap('tab10')(i % 10) for i, name in enumerate(names)}
+  colors = {name: plt.get_cmap('tab20')(i % 20) for i, name in enumerate(names)}
+  colors['Muon'] = colors.get(next((n for n in names if n.startswith('Muon')), ''), 'k')
   fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 3.6 * len(tasks)), squeeze=False)
   for row, ((model, conditioning), results) in zip(axes, tasks.items()):
     for r in results:
@@ -842,41 +790,24 @@ def plot(payload: dict[str, Any], out: pathlib.Path) -> None:
   common.save_png(fig, out / 'classification.png', dpi=80)
   plt.close(fig)
 
-  if 'search' not in payload:
+  comparisons = payload['fresh_seeds']
+  if not comparisons:
     return
-  configs = payload['search']['configs']
-  fig, (ax_search, ax_confirm) = plt.subplots(
-      1, 2, figsize=(15, 1.5 + 0.35 * len(configs)), gridspec_kw={'width_ratios': [3, 2]})
-  means = [c['summary']['val_accuracy']['mean'] for c in configs]
-  stds = [c['summary']['val_accuracy']['std'] for c in configs]
-  best = payload['search']['best']['label']
-  ax_search.barh(range(len(configs)), means, xerr=stds, alpha=0.7,
-                 color=['tab:orange' if c['label'] == best else 'tab:blue' for c in configs])
-  ax_search.set_yticks(range(len(configs)),
-                       [f"{c['label']} lr {c['summary']['selected_learning_rate']:g}"
-                        for c in configs], fontsize=7)
-  ax_search.invert_yaxis()
-  for name, style in (('Adam', '--'), ('SGD', ':')):
-    reference = next((r for r in tasks.get(('mlp', 'ill'), []) if r['method'] == name), None)
-    if reference:
-      ax_search.axvline(reference['val_accuracy']['mean'], color='k', linestyle=style,
-                        label=f'tuned {name}')
-  ax_search.set(xlabel='validation accuracy (mean ± std, selection seeds)', xlim=(0, 1),
-                title='KWNG search, ill-conditioned MLP (orange: chosen)')
-  ax_search.legend(fontsize=8)
-  confirmation = payload['confirmation']
-  for i, (name, entry) in enumerate(confirmation.items()):
-    values = entry['test_accuracy_per_seed']
-    ax_confirm.scatter(np.full(len(values), i), values, alpha=0.5)
-    ax_confirm.errorbar(i, entry['test_accuracy']['mean'], yerr=entry['test_accuracy']['std'],
-                        color='k', marker='_', markersize=20, capsize=4)
-  ax_confirm.set_xticks(range(len(confirmation)),
-                        [f"{name}\n{len(entry['seeds'])} seeds" for name, entry in confirmation.items()],
-                        fontsize=8)
-  ax_confirm.set(ylabel='test accuracy at the last epoch', ylim=(0, 1),
-                 title='Rerun with fresh seeds at the selected learning rates')
+  fig, axes = plt.subplots(1, len(comparisons), figsize=(4.5 * len(comparisons), 4),
+                           squeeze=False)
+  for ax, comparison in zip(axes[0], comparisons):
+    entries = comparison['entries']
+    for i, (name, entry) in enumerate(entries.items()):
+      values = entry['test_accuracy_per_seed']
+      ax.scatter(np.full(len(values), i), values, alpha=0.5, color=colors.get(name, 'k'))
+      ax.errorbar(i, entry['test_accuracy']['mean'], yerr=entry['test_accuracy']['std'],
+                  color='k', marker='_', markersize=20, capsize=4)
+    ax.set_xticks(range(len(entries)), list(entries), fontsize=7, rotation=30)
+    ax.set(ylabel='test accuracy at the last epoch', ylim=(0, 1),
+           title=f"{comparison['model'].upper()}, {comparison['conditioning']}-conditioned")
+  fig.suptitle(f"Fresh seeds at the selected learning rates ({len(next(iter(comparisons[0]['entries'].values()))['seeds'])} seeds)")
   fig.tight_layout()
-  common.save_png(fig, out / 'classification_search.png', dpi=90, bbox_inches='tight')
+  common.save_png(fig, out / 'classification_fresh_seeds.png', dpi=90, bbox_inches='tight')
   plt.close(fig)
 
 

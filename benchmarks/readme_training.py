@@ -2,8 +2,8 @@
 
 Reads ``benchmarks/results/classification/classification.json`` and the
 ``speed_*.json`` files of ``benchmarks/results/speed/`` and prints Markdown
-(the classification tables, the KWNG search, the targets, the step-time
-tables, links to the plots); ``--out FILE`` writes it to a file instead.
+(the classification tables, the fresh-seed comparisons, the targets, the
+step-time tables, links to the plots); ``--out FILE`` writes it to a file instead.
 
   python benchmarks/readme_training.py --out training.md
 """
@@ -34,11 +34,12 @@ def _link(path: pathlib.Path) -> str:
 
 
 def classification_section(payload: dict[str, Any], json_path: pathlib.Path) -> list[str]:
-  """The classification tables, the KWNG search and the targets, as Markdown lines."""
+  """The classification tables, the fresh-seed comparisons and the targets, as Markdown."""
   config = payload['config']
   data = payload['data']
+  device = payload['device']
   lines = [
-      '## Classification benchmark',
+      f"### {', '.join(m.upper() for m in config['models'])} on {_device_name(device)}",
       '',
       'scikit-learn\'s bundled 8×8 digits (no download), split '
       f"{data['train']} train / {data['val']} validation / {data['test']} test. "
@@ -51,7 +52,7 @@ def classification_section(payload: dict[str, Any], json_path: pathlib.Path) -> 
       'accuracy at the last epoch; the tables give the **test** accuracy at the last epoch '
       'at that learning rate (mean ± std over seeds). `*`: the chosen learning rate is at '
       'an edge of the grid. Time: milliseconds per epoch of one run on '
-      f"{payload['device']['host_cpu_count']} shared CPU cores (the runs of a grid train "
+      f"{_device_name(device)} (the runs of a grid train "
       'together, vmapped for the MLP, looped for the CNN; the whole grid\'s time divided '
       'by its runs).',
       '',
@@ -83,84 +84,53 @@ def classification_section(payload: dict[str, Any], json_path: pathlib.Path) -> 
   lines += [f"![training curves]({_link(out_dir / 'classification.png')})", '',
             f"kfac-jax: {payload['kfac_jax']}", '']
 
-  if 'search' in payload:
-    lines += search_section(payload, out_dir)
+  lines += fresh_seeds_section(payload, out_dir)
   return lines
 
 
-def search_section(payload: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
-  """The KWNG search, the fresh-seed confirmation and the targets."""
-  search, confirmation = payload['search'], payload['confirmation']
-  seeds = payload['config']['seeds']
-  lines = [
-      '### KWNG search on the ill-conditioned MLP',
-      '',
-      'Greedy, one axis at a time, from the published configuration: each value of an '
-      'axis is tried with the other settings at the best values so far, with the same '
-      f'{seeds} selection seeds; the best mean validation accuracy (at the best learning rate '
-      'of the configuration) wins. Axes, in order: '
-      + '; '.join(f"{axis['axis']} ({', '.join(_change(v) for v in axis['values'])})"
-                  for axis in search['axes'])
-      + '. Learning rates per base optimizer: '
-      + '; '.join(f"{base} {', '.join(f'{lr:g}' for lr in grid)}"
-                  for base, grid in search['learning_rates'].items())
-      + ' (the published configuration keeps its result and grid from the table above).',
-      '',
-      '| KWNG configuration | lr | validation accuracy | test accuracy |',
-      '|---|---|---|---|',
-  ]
-  for config in search['configs']:
-    s = config['summary']
-    edge = '*' if s['selected_at_grid_edge'] else ''
-    lines.append(f"| {config['label']} | {s['selected_learning_rate']:g}{edge} | "
-                 f"{_pm(s['val_accuracy'])} | {_pm(s['test_accuracy'])} |")
-  first = next(iter(confirmation.values()))
-  lines += [
-      '',
-      f"Chosen: **{search['best']['label']}**. Then the tuned baselines, the published "
-      f"configuration and the chosen one were rerun at their selected learning rates with "
-      f"{len(first['seeds'])} fresh seeds ({first['seeds'][0]}–{first['seeds'][-1]}; each seed "
-      'fixes the initialization and the minibatch order, the same for every optimizer):',
-      '',
-      '| optimizer | lr | test accuracy (fresh seeds) | min – max |',
-      '|---|---|---|---|',
-  ]
-  for name, entry in confirmation.items():
-    accuracy = entry['test_accuracy']
-    lines.append(f"| {name} | {entry['learning_rate']:g} | {_pm(accuracy)} | "
-                 f"{accuracy['min']:.3f} – {accuracy['max']:.3f} |")
-  lines += ['', f"![KWNG search]({_link(out_dir / 'classification_search.png')})", '']
+def _device_name(device: dict[str, Any]) -> str:
+  if device.get('platform') == 'gpu' or 'gpu' in str(device.get('devices', '')).lower():
+    return str(device.get('device_kind') or device.get('devices'))
+  return f"{device.get('host_cpu_count', '?')} CPU cores"
+
+
+def fresh_seeds_section(payload: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
+  """The fresh-seed comparisons (paired against the recommended KWNG) and the targets."""
+  comparisons = payload.get('fresh_seeds', [])
+  if not comparisons:
+    return []
+  lines = ['**Fresh seeds.** Each optimizer at its selected learning rate, rerun with '
+           f"{len(next(iter(comparisons[0]['entries'].values()))['seeds'])} new seeds; "
+           'KWNG minus it, paired by seed (same initialization and minibatch order), '
+           '± the standard error of the paired differences.', '']
+  for comparison in comparisons:
+    lines += [f"*{comparison['model'].upper()}, {comparison['conditioning']}-conditioned*", '',
+              '| optimizer | lr | test accuracy | KWNG − it (points) | KWNG wins |',
+              '|---|---|---|---|---|']
+    for name, entry in comparison['entries'].items():
+      versus = comparison['versus'].get(name)
+      paired = ('—', '—') if versus is None else (
+          f"{100 * versus['mean']:+.1f} ± {100 * (versus['standard_error'] or 0):.1f}",
+          f"{versus['wins']}/{versus['runs']}")
+      label = entry.get('method', name)
+      lines.append(f"| {label} | {entry['learning_rate']:g} | {_pm(entry['test_accuracy'])} | "
+                   f"{paired[0]} | {paired[1]} |")
+    lines.append('')
+  lines += [f"![fresh seeds]({_link(out_dir / 'classification_fresh_seeds.png')})", '']
   lines += targets_section(payload['targets'])
   return lines
 
 
-def _change(change: dict[str, Any]) -> str:
-  return ' '.join(f'{k}={v}' for k, v in change.items())
-
-
 def targets_section(targets: dict[str, Any]) -> list[str]:
-  """The issue's targets, stated with their numbers."""
-  lines = ['**Targets (ill-conditioned MLP, test accuracy at the last epoch).**', '']
-  versus_sgd = targets.get('published_kwng_vs_best_sgd')
-  if versus_sgd:
-    paired = versus_sgd.get('paired_fresh_seeds')
-    fresh = (f"; with fresh seeds {versus_sgd['points_fresh_seeds']:+.1f} points "
-             f"(paired standard error {100 * paired['standard_error']:.1f}, KWNG ahead on "
-             f"{paired['wins']} of {paired['runs']} seeds)" if paired else '')
-    met = versus_sgd.get('met_fresh_seeds', versus_sgd['met_selection_seeds'])
-    lines.append(f"- Published KWNG vs the best SGD learning rate (target: ≥ 10 points): "
-                 f"{versus_sgd['points_selection_seeds']:+.1f} points on the selection "
-                 f"seeds{fresh}. **{'Met' if met else 'Not met'}.**")
-  versus_adam = targets.get('searched_kwng_vs_tuned_adam')
-  if versus_adam:
-    paired = versus_adam['paired_fresh_seeds']
-    verdict = ('beats tuned Adam' if versus_adam['met'] else
-               'does not beat tuned Adam (the difference is not above twice its standard '
-               'error)' if paired['mean'] > 0 else 'does not beat tuned Adam')
-    lines.append(f"- Best searched KWNG ({versus_adam['kwng_config']}) vs tuned Adam: "
-                 f"{100 * paired['mean']:+.1f} points (paired standard error "
-                 f"{100 * paired['standard_error']:.1f}; KWNG ahead on {paired['wins']} of "
-                 f"{paired['runs']} fresh seeds): it **{verdict}**.")
+  """The recommended KWNG's targets, stated with their numbers."""
+  if not targets:
+    return []
+  lines = ['Targets:', '']
+  for target in targets.values():
+    met = {True: 'met', False: '**not met**', None: 'reported'}[target['met']]
+    numbers = ', '.join(f"{key.replace('_', ' ')} {value:.1f}" for key, value in target.items()
+                        if key not in ('target', 'met') and isinstance(value, float))
+    lines.append(f"- {target['target']}: {numbers} — {met}.")
   lines.append('')
   return lines
 
@@ -240,28 +210,32 @@ def speed_section(payloads: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> li
   return lines
 
 
-def render(classification_json: pathlib.Path | None,
+def render(classification_jsons: Sequence[pathlib.Path],
            speed_jsons: Sequence[pathlib.Path]) -> str:
   """The Markdown of the sections whose JSON files exist."""
   lines: list[str] = []
-  if classification_json is not None and classification_json.exists():
-    lines += classification_section(json.loads(classification_json.read_text()),
-                                    classification_json)
+  existing_classification = [path for path in classification_jsons if path.exists()]
+  if existing_classification:
+    lines += ['## Classification benchmark', '']
+  for path in existing_classification:
+    lines += classification_section(json.loads(path.read_text()), path)
   existing = [(path, json.loads(path.read_text())) for path in speed_jsons if path.exists()]
   if existing:
     lines += speed_section(existing)
   lines += [
-      'Reproduce: `python benchmarks/classification.py` (about 25 minutes on 2 shared CPU '
-      'cores; `--epochs`, `--cnn-epochs`, `--seeds` make it bigger, `--quick` is the CI smoke '
-      'test) and `python benchmarks/speed.py`; then `python benchmarks/readme_training.py`.',
+      'Reproduce: `python benchmarks/classification.py --models mlp` (about 10 minutes on 2 '
+      'CPU cores) and `--models cnn` (about 4 minutes on one H200; 40 on 2 CPU cores); '
+      '`--quick` is the CI smoke test; `python benchmarks/speed.py`; then '
+      '`python benchmarks/readme_training.py`.',
       '']
   return '\n'.join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--classification', type=pathlib.Path,
-                      default=RESULTS / 'classification' / 'classification.json')
+  parser.add_argument('--classification', type=pathlib.Path, nargs='*',
+                      default=[RESULTS / 'classification_mlp' / 'classification.json',
+                               RESULTS / 'classification_cnn_h200' / 'classification.json'])
   parser.add_argument('--speed', type=pathlib.Path, nargs='*',
                       default=sorted((RESULTS / 'speed').glob('speed_*.json')))
   parser.add_argument('--out', type=pathlib.Path, default=None)

@@ -126,7 +126,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 def kwng_optimizer(num_basis: int, options: dict[str, Any]) -> optax.GradientTransformation:
   """The published chain (``kwng_jax.kwng``, learning rate 1), with extra options."""
-  return kwng_jax.kwng(1.0, num_basis=num_basis, **options)
+  return kwng_jax.published_kwng(1.0, num_basis=num_basis, **options)
 
 
 def optimizers(num_basis: Sequence[int], variants: Sequence[str],

@@ -62,6 +62,7 @@ def adaptive_damping(
     inner: optax.GradientTransformation,
     *,
     window: int = 5,
+    ratio_scale: float = 2.0,
     factor: float = 0.85,
     lower_ratio: float = 0.25,
     upper_ratio: float = 0.75,
@@ -76,7 +77,11 @@ def adaptive_damping(
   Args:
     inner: a transformation (usually a chain) holding one
       :func:`kwng_jax.scale_by_kwng`.
-    window: number of steps between two changes of :math:`\epsilon`.
+    window: number of steps between two changes of :math:`\epsilon`
+      (published: 5; 1 adapts at every step).
+    ratio_scale: the ratio is ``ratio_scale`` times the actual decrease over
+      the predicted one (published: 2, so that an exact Newton step on a
+      quadratic scores 1; 1 compares with the first-order prediction).
     factor: :math:`\epsilon` is divided by ``factor`` when the best ratio of
       the window is below ``lower_ratio`` and multiplied by it when above
       ``upper_ratio``.
@@ -109,6 +114,8 @@ def adaptive_damping(
   """
   if window < 1:
     raise ValueError(f'window={window} must be a positive number of steps.')
+  if not ratio_scale > 0:
+    raise ValueError(f'ratio_scale={ratio_scale} must be positive.')
   if not 0 < factor < 1:
     raise ValueError(f'factor={factor} must lie in (0, 1).')
   if not 0 < min_epsilon <= max_epsilon:
@@ -141,7 +148,7 @@ def adaptive_damping(
     loss = jnp.asarray(value).astype(jnp.float32)
     has_previous = state.damping_count > 0
     ratio = (
-        2.0
+        ratio_scale
         * (state.damping_previous_loss - loss)
         / state.damping_predicted_decrease
     )

@@ -79,6 +79,9 @@ class Preconditioner(NamedTuple):
     bandwidth: the kernel bandwidth used.
     effective_rank: the number of kept eigenvalues of the Gram matrix.
     finite_samples: whether the samples were all finite.
+    unseen: with ``damping='safe'``, the curvature given to the parameters
+      the samples do not see (:func:`kwng_jax.solve.unseen_curvature`);
+      None otherwise.
   """
 
   whitened: PyTree
@@ -87,9 +90,12 @@ class Preconditioner(NamedTuple):
   bandwidth: jax.Array
   effective_rank: jax.Array
   finite_samples: jax.Array
+  unseen: PyTree | None = None
 
   @classmethod
-  def empty(cls, params: PyTree, num_basis: int) -> 'Preconditioner':
+  def empty(
+      cls, params: PyTree, num_basis: int, damping: str = 'reference'
+  ) -> 'Preconditioner':
     r"""Zeros shaped, typed and sharded like a built preconditioner.
 
     A placeholder for an optimizer state that stores the factors
@@ -100,6 +106,8 @@ class Preconditioner(NamedTuple):
     Args:
       params: the parameters (or their shape-dtype structs).
       num_basis: M.
+      damping: the damping it will hold (``'safe'`` stores one more
+        params-shaped pytree).
 
     Returns:
       A :class:`Preconditioner` with :math:`\tilde T` of shape
@@ -124,19 +132,17 @@ class Preconditioner(NamedTuple):
       return jnp.broadcast_to(zeros[None], (num_basis,) + tuple(p.shape))
 
     matrix_dtype = solve.small_matrix_dtype()
+    solve.check_damping(damping)
+    zeros = lambda p: jnp.zeros_like(p, dtype=dtype)  # noqa: E731
     return cls(
         whitened=jax.tree.map(leading, params),
-        damping=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params),
+        damping=jax.tree.map(zeros, params),
         gram=jnp.zeros((num_basis, num_basis), matrix_dtype),
         bandwidth=jnp.zeros((), jnp.float32),
         effective_rank=jnp.zeros((), jnp.int32),
         finite_samples=jnp.zeros((), jnp.bool_),
+        unseen=jax.tree.map(zeros, params) if damping == 'safe' else None,
     )
-
-
-def _check_positive(name: str, value: Any) -> None:
-  if isinstance(value, (int, float)) and not value > 0:
-    raise ValueError(f'{name}={value!r} must be positive.')
 
 
 def build_preconditioner(
@@ -272,6 +278,7 @@ def build_preconditioner(
   with jax.default_matmul_precision(FULL_PRECISION):
     whitened, rank = solve.whitened_jacobian(jacobian, gram, rcond)
     damping_diag = solve.damping_diagonal(whitened, damping)
+    unseen = solve.unseen_curvature(whitened, damping)
     # The contraction over the parameters runs over FSDP-sharded axes.
     damped_gram = sharding.in_auto_mode(
         solve.damped_gram, out_sharding=PartitionSpec()
@@ -283,6 +290,7 @@ def build_preconditioner(
       bandwidth=sigma.astype(jnp.float32),
       effective_rank=rank,
       finite_samples=finite_samples,
+      unseen=unseen,
   )
 
 
@@ -290,7 +298,7 @@ def apply_preconditioner(
     preconditioner: Preconditioner, grads: PyTree, epsilon: jax.Array
 ) -> tuple[PyTree, KWNGInfo]:
   r"""Returns :math:`\hat g = (\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g` and diagnostics."""
-  _check_positive('epsilon', epsilon)
+  solve.check_positive_hyperparameter('epsilon', epsilon)
   solve_fn = sharding.in_auto_mode(
       solve.damped_natural_gradient,
       out_sharding=jax.tree.map(sharding.spec_of, grads),
@@ -302,6 +310,7 @@ def apply_preconditioner(
         preconditioner.damping,
         preconditioner.gram,
         jnp.asarray(epsilon),
+        preconditioner.unseen,
     )
   alignment = sharding.tree_vdot(grads, direction)
   finite_grads = _tree_all_finite(grads)

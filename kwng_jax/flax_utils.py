@@ -74,7 +74,7 @@ def nnx_outputs_fn(
     >>> import kwng_jax
     >>> from kwng_jax import flax_utils
     >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
-    >>> optimizer = nnx.Optimizer(model, kwng_jax.kwng(0.1), wrt=nnx.Param)
+    >>> optimizer = nnx.Optimizer(model, kwng_jax.published_kwng(0.1), wrt=nnx.Param)
     >>> x = jax.random.normal(jax.random.key(0), (16, 3))
     >>> y = jnp.arange(16) % 4
     >>> def loss_fn(model):
@@ -192,6 +192,12 @@ def value_grad_and_outputs_fn(
   :func:`replay_outputs_fn` of that VJP: an optimizer update with it
   differentiates the samples without a second forward pass.
 
+  The replay supports reverse-mode differentiation only: use it with an
+  optimizer that differentiates ``outputs_fn`` by ``jax.vjp`` alone, such as
+  :func:`kwng_jax.published_kwng` or a chain of :func:`kwng_jax.scale_by_kwng`
+  without :func:`kwng_jax.scale_by_displacement`. :func:`kwng_jax.kwng` also
+  takes a ``jax.jvp`` of ``outputs_fn``; give it a plain ``outputs_fn``.
+
   Args:
     loss_from_outputs: ``samples -> scalar loss`` (the labels closed over).
     outputs_fn: ``params -> samples``, or ``params -> (samples, aux)`` with
@@ -210,7 +216,7 @@ def value_grad_and_outputs_fn(
     >>> x = jax.random.normal(jax.random.key(0), (32, 3))
     >>> outputs_fn = lambda p: x @ p
     >>> loss_from_outputs = lambda out: jnp.mean((out - 1.0) ** 2)
-    >>> opt = kwng_jax.kwng(learning_rate=0.5)
+    >>> opt = kwng_jax.published_kwng(learning_rate=0.5)
     >>> @jax.jit
     ... def train_step(params, state):
     ...   loss, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
@@ -262,13 +268,19 @@ def nnx_value_grad_and_outputs_fn(
     gradient, as ``nnx.grad`` returns it; pass ``outputs_fn=replay_fn`` to
     ``nnx.Optimizer.update``.
 
+  As for :func:`value_grad_and_outputs_fn`, the replay supports
+  reverse-mode differentiation only: pair it with
+  :func:`kwng_jax.published_kwng` (or a chain without
+  :func:`kwng_jax.scale_by_displacement`), and give :func:`kwng_jax.kwng`
+  :func:`nnx_outputs_fn` instead.
+
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> from flax import nnx
     >>> import kwng_jax
     >>> from kwng_jax import flax_utils
     >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
-    >>> optimizer = nnx.Optimizer(model, kwng_jax.kwng(0.1), wrt=nnx.Param)
+    >>> optimizer = nnx.Optimizer(model, kwng_jax.published_kwng(0.1), wrt=nnx.Param)
     >>> x = jax.random.normal(jax.random.key(0), (16, 3))
     >>> y = jnp.arange(16) % 4
     >>> loss_from_logits = lambda logits: (

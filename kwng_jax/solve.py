@@ -31,15 +31,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 
 PyTree = Any
 
-#: The damping matrices D of SPEC §1.2.
-DAMPINGS = ('reference', 'squared', 'identity')
+#: The damping matrices D (see :func:`damping_diagonal`).
+DAMPINGS = ('reference', 'squared', 'identity', 'safe')
 
 #: Added to column norms so that a parameter the samples do not depend on
 #: gets a large but finite damping (the published constant).
 DAMPING_OFFSET = 1e-8
+
+def check_positive_hyperparameter(name: str, value: Any) -> None:
+  """Raises a ValueError naming ``name`` unless a concrete ``value`` is finite and > 0.
+
+  Python numbers, NumPy scalars and concrete arrays are checked; a traced
+  value (under ``jit`` or ``inject_hyperparams``) cannot be, and passes.
+  """
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return
+  try:
+    array = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f'{name}={value!r} must be a positive number.') from None
+  if not (array.size and np.all(np.isfinite(array)) and np.all(array > 0)):
+    raise ValueError(f'{name}={value!r} must be a finite positive number.')
 
 
 def check_damping(damping: str) -> None:
@@ -114,7 +130,12 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
     column norms of the WHITENED factor, as the published implementation;
   * ``'squared'``: :math:`D_j = 1 / (\|\tilde T_{:, j}\|_2^2 + 10^{-8})`,
     covariant under a rescaling :math:`\theta_j \to a\theta_j`;
-  * ``'identity'``: :math:`D = 1`.
+  * ``'identity'``: :math:`D = 1`;
+  * ``'safe'``: ``'reference'`` on the columns the samples see. A column
+    they do not see (a column of zeros: a parameter the loss uses but ``outputs_fn`` does not, a ReLU unit dead
+    on the batch, T from a sub-batch) gets :math:`D_j = 1/c`, with :math:`c`
+    the root mean square of the seen column norms, instead of
+    :math:`10^8`; :func:`unseen_curvature` completes it.
 
   Args:
     whitened: :math:`\tilde T`, leaves with a leading axis of size M.
@@ -124,6 +145,13 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
     D, same structure as the params, in the dtype of ``whitened``.
   """
   check_damping(damping)
+  if damping == 'safe':
+    norms, seen, typical = _seen_columns(whitened)
+    return jax.tree.map(
+        lambda n, m: 1.0 / jnp.where(m, n + DAMPING_OFFSET, typical.astype(n.dtype)),
+        norms,
+        seen,
+    )
 
   def diagonal(t):
     squared_norm = jnp.sum(jnp.square(t), axis=0)
@@ -134,6 +162,56 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
     return jnp.ones_like(squared_norm)
 
   return jax.tree.map(diagonal, whitened)
+
+
+def unseen_curvature(whitened: PyTree, damping: str) -> PyTree | None:
+  r"""The curvature :math:`v` given to the columns the samples do not see.
+
+  For ``damping='safe'``: :math:`v_j = c^2` on an unseen column (see
+  :func:`damping_diagonal`) and 0 elsewhere; None for the other dampings.
+  The metric of the solve becomes
+  :math:`\tilde T^\top\tilde T + \mathrm{diag}(v) + \epsilon D^{-1}`: an
+  unseen parameter is preconditioned as a typical seen parameter would be
+  if the samples moved with it alone, :math:`\hat g_j = g_j / (c^2 +
+  \epsilon c)`, instead of :math:`10^8 g_j / \epsilon` (which grows without
+  bound as :math:`\epsilon \to 0` and no step length measured on the
+  samples can see).
+
+  Args:
+    whitened: :math:`\tilde T`, leaves with a leading axis of size M.
+    damping: one of :data:`DAMPINGS`.
+
+  Returns:
+    :math:`v`, shaped like one row of ``whitened``, or None.
+  """
+  if damping != 'safe':
+    return None
+  norms, seen, typical = _seen_columns(whitened)
+  return jax.tree.map(
+      lambda n, m: jnp.where(m, 0.0, jnp.square(typical)).astype(n.dtype),
+      norms,
+      seen,
+  )
+
+
+def _seen_columns(whitened: PyTree) -> tuple[PyTree, PyTree, jax.Array]:
+  """Column norms, masks of the columns the samples see, and their RMS norm c.
+
+  A column is unseen when it is exactly zero: no magnitude threshold can
+  tell a zero column from a real but tiny one (the paper's ill-conditioned
+  head gives whitened columns 1e-14 times the largest, and 'reference'
+  damping relies on them).
+  """
+  norms = jax.tree.map(lambda t: jnp.sqrt(jnp.sum(jnp.square(t), axis=0)), whitened)
+  seen = jax.tree.map(lambda t: jnp.any(t != 0, axis=0), whitened)
+  norm_leaves, seen_leaves = jax.tree.leaves(norms), jax.tree.leaves(seen)
+  total = sum(jnp.sum(jnp.where(m, jnp.square(n), 0.0)) for n, m in zip(norm_leaves, seen_leaves))
+  count = sum(jnp.sum(m, dtype=jnp.int32) for m in seen_leaves)
+  # With no column seen at all (samples that do not depend on the params)
+  # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
+  mean_square = total / jnp.maximum(count, 1).astype(total.dtype)
+  typical = jnp.where(count > 0, jnp.sqrt(mean_square), 1.0)
+  return norms, seen, typical
 
 
 def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -177,6 +255,7 @@ def damped_natural_gradient(
     damping: PyTree,
     gram: jax.Array,
     epsilon: jax.Array,
+    unseen: PyTree | None = None,
 ) -> PyTree:
   r"""The Woodbury solve :math:`(\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g`.
 
@@ -191,6 +270,10 @@ def damped_natural_gradient(
     damping: D, shaped like ``grads``.
     gram: :math:`\tilde T D \tilde T^\top` from :func:`damped_gram`.
     epsilon: :math:`\epsilon > 0`.
+    unseen: the curvature :math:`v` of :func:`unseen_curvature`, or None.
+      Where it is positive the column of :math:`\tilde T` is zero, so the
+      metric's diagonal there is :math:`v_j + \epsilon / D_j` and nothing
+      else changes.
 
   Returns:
     :math:`\hat g`, shaped like ``grads``, each leaf in its own dtype.
@@ -212,8 +295,13 @@ def damped_natural_gradient(
   coefficients = solve_psd(system, rhs).astype(leaf_dtype)
   inv_epsilon = (1.0 / epsilon).astype(leaf_dtype)
 
-  def direction(g, t, d):
+  def direction(g, t, d, v=None):
     residual = g.astype(leaf_dtype) - jnp.tensordot(coefficients, t, axes=1)
-    return (inv_epsilon * d * residual).astype(g.dtype)
+    if v is None:
+      return (inv_epsilon * d * residual).astype(g.dtype)
+    # D / (eps + v D): D / eps where v = 0, 1 / (v + eps / D) on unseen columns.
+    return (d / (epsilon.astype(leaf_dtype) + v * d) * residual).astype(g.dtype)
 
-  return jax.tree.map(direction, grads, whitened, damping)
+  if unseen is None:
+    return jax.tree.map(direction, grads, whitened, damping)
+  return jax.tree.map(direction, grads, whitened, damping, unseen)

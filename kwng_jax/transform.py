@@ -171,7 +171,7 @@ def scale_by_kwng(
   def init_fn(params):
     stored = None
     if update_every > 1:
-      stored = estimator.Preconditioner.empty(params, num_basis)
+      stored = estimator.Preconditioner.empty(params, num_basis, damping)
     return ScaleByKWNGState(
         kwng_count=jnp.zeros((), jnp.int32),
         kwng_epsilon=jnp.asarray(epsilon, jnp.float32),
@@ -301,6 +301,8 @@ def _pin_shardings(
   return preconditioner._replace(
       whitened=sharding.with_leading_axis(preconditioner.whitened, params),
       damping=sharding.like(preconditioner.damping, params),
+      unseen=None if preconditioner.unseen is None
+      else sharding.like(preconditioner.unseen, params),
   )
 
 

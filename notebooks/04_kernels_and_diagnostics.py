@@ -30,8 +30,9 @@
 #    model (as in notebook 01), and how to plug in your own kernel;
 # 2. **diagnostics**: what `state.kwng_info` reports at every step and how to
 #    read it;
-# 3. **adaptive damping**: how $\epsilon$ evolves under the published
-#    Levenberg–Marquardt rule, and what it does;
+# 3. **adaptive damping**: how $\epsilon$ evolves under the
+#    Levenberg–Marquardt rules of `kwng_jax.kwng` and of the paper's
+#    optimizer `kwng_jax.published_kwng`, and what it does;
 # 4. **ridgeless against ridge**: the estimator of the paper's experiments and
 #    the one its theory covers.
 
@@ -64,7 +65,8 @@ RIDGES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # lambda for the ridge estimator.
 NUM_STEPS = 100  # Training steps for the diagnostics.
 BATCH_SIZE = 128
 HIDDEN = 32  # Width of the classifier's hidden layer.
-LEARNING_RATE = 1.0  # KWNG learning rate on the classifier.
+LEARNING_RATE = 1.0  # kwng_jax.kwng: the largest RMS distance the logits move per step.
+PUBLISHED_LEARNING_RATE = 1.0  # kwng_jax.published_kwng: the step length in parameter space.
 INITIAL_EPSILONS = (1e-5, 1e-1, 1e3)  # Starting points for adaptive damping.
 SEED = 0
 
@@ -225,7 +227,12 @@ plt.show()
 # | `finite_inputs` | $g$ and the samples were finite | False: the update was zero, so the parameters never turn NaN |
 #
 # The damping strength $\epsilon$ of the next step is state as well, the
-# field `kwng_epsilon`.
+# field `kwng_epsilon`. The recommended optimizer `kwng_jax.kwng` chains
+# `kwng_jax.scale_by_displacement` after `scale_by_kwng`; its state holds
+# `displacement`, the RMS distance $\Delta(\hat g)$ the direction would move
+# the samples (one `jax.jvp` of `outputs_fn`), and `displacement_scale`,
+# $\min(1, 1/\Delta(\hat g))$, the factor that caps it before the learning
+# rate. The samples then move by at most the learning rate.
 #
 # We train a small MLP on scikit-learn's bundled 8×8 digits with the paper's
 # **ill-conditioned head**: the ten logits are multiplied by
@@ -269,25 +276,31 @@ def make_train_step(optimizer):
   return train_step
 
 
+INFO_FIELDS = ('bandwidth', 'effective_rank', 'alignment', 'fallback', 'finite_inputs')
+DISPLACEMENT_FIELDS = ('displacement', 'displacement_scale')  # Only in kwng_jax.kwng.
+
+
 def train(train_step, params, opt_state, num_steps, seed=SEED):
   """Runs num_steps minibatch steps; records the loss and the diagnostics."""
   rng = np.random.default_rng(seed)
-  log = {key: [] for key in ('loss', 'epsilon', 'bandwidth', 'effective_rank',
-                             'alignment', 'fallback', 'finite_inputs')}
+  log = {key: [] for key in ('loss', 'epsilon', *INFO_FIELDS, *DISPLACEMENT_FIELDS)}
   for _ in range(num_steps):
     batch = rng.choice(len(train_y), BATCH_SIZE, replace=False)
     params, opt_state, loss = train_step(params, opt_state, train_x[batch], train_y[batch])
     info = otu.tree_get(opt_state, 'kwng_info')
     log['loss'].append(float(loss))
     log['epsilon'].append(float(otu.tree_get(opt_state, 'kwng_epsilon')))
-    for key in ('bandwidth', 'effective_rank', 'alignment', 'fallback', 'finite_inputs'):
+    for key in INFO_FIELDS:
       log[key].append(float(getattr(info, key)))
+    for key in DISPLACEMENT_FIELDS:
+      value = otu.tree_get(opt_state, key)  # None in a chain without the cap.
+      log[key].append(np.nan if value is None else float(value))
   return params, opt_state, {key: np.array(values) for key, values in log.items()}
 
 
 # float32 for the network, as usual (x64 is on, so be explicit).
 params0 = init_mlp(root_key)
-adaptive_kwng = kwng_jax.kwng(LEARNING_RATE, num_basis=5)  # The published optimizer.
+adaptive_kwng = kwng_jax.kwng(LEARNING_RATE, num_basis=5)  # The recommended optimizer.
 adaptive_step = make_train_step(adaptive_kwng)
 params, opt_state, diagnostics = train(adaptive_step, params0, adaptive_kwng.init(params0), NUM_STEPS)
 print(f"final minibatch loss {diagnostics['loss'][-1]:.3f}, "
@@ -295,13 +308,16 @@ print(f"final minibatch loss {diagnostics['loss'][-1]:.3f}, "
 print('last step:', otu.tree_get(opt_state, 'kwng_info'))
 
 # %%
-fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+fig, axes = plt.subplots(2, 4, figsize=(16, 6.5), sharex=True)
 panels = [('loss', 'minibatch loss', 'log'), ('epsilon', 'kwng_epsilon', 'log'),
           ('bandwidth', 'bandwidth $\\sigma$', 'log'), ('effective_rank', 'effective rank (M = 5)', 'linear'),
-          ('alignment', '$\\langle g, \\hat g\\rangle$', 'log'), ('fallback', 'fallback (1 = used g)', 'linear')]
+          ('alignment', '$\\langle g, \\hat g\\rangle$', 'log'), ('fallback', 'fallback (1 = used g)', 'linear'),
+          ('displacement', 'displacement $\\Delta(\\hat g)$', 'log'),
+          ('displacement_scale', 'displacement_scale', 'log')]
 for ax, (key, label, scale) in zip(axes.flat, panels):
   ax.plot(diagnostics[key], '.-' if key == 'fallback' else '-', markersize=3)
   ax.set(title=label, yscale=scale)
+axes[1, 2].axhline(1.0, color='gray', linestyle=':')  # Above: the step was capped.
 for ax in axes[1]:
   ax.set_xlabel('step')
 plt.tight_layout()
@@ -314,10 +330,19 @@ plt.show()
 #   linearly independent, the whitening drops nothing.
 # * `bandwidth` follows the spread of the logits: it grows as the network
 #   learns to separate the classes (it is in squared-logit units).
-# * `alignment` is positive at every step and grows as $\epsilon$ shrinks,
-#   because the part of $g$ the kernel estimate does not cover is scaled by
-#   $1/\epsilon$; the clipping to norm 1 in `kwng_jax.kwng` is what keeps the
-#   step size sane.
+# * `alignment` is positive at every step, and large: the part of $g$ the
+#   kernel estimate does not cover is scaled by $1/\epsilon$, with
+#   $\epsilon$ near $10^{-5}$ here.
+# * `displacement` shows what that means on the samples: the direction
+#   $\hat g$ itself would move the logits by $10^6$ to $10^{11}$ (RMS), far
+#   above the cap of 1 (dotted). `displacement_scale` shortens every step
+#   accordingly, so the logits move by exactly the learning rate at each
+#   step; that cap is what keeps the step size sane (in
+#   `kwng_jax.published_kwng`, the clipping to norm 1 in parameter space
+#   plays that role). A run whose `displacement` stays below 1 takes
+#   uncapped steps, $\mathrm{lr}\,\hat g$.
+# * `kwng_epsilon` moves by at most a factor 0.85 per step; section 3 looks
+#   at it.
 # * `fallback` stays at 0: the estimate was a descent direction throughout.
 #
 # ### The safety net
@@ -344,19 +369,27 @@ print('parameters unchanged:', all(bool(jnp.array_equal(a, b)) for a, b in
 # components of $g$ along the $M$ directions the estimate measures are shrunk
 # relative to the rest, by their estimated metric.
 #
-# `kwng_jax.adaptive_damping` (on in `kwng_jax.kwng`) adapts $\epsilon$ the
-# Levenberg–Marquardt way. It compares the actual decrease of the loss with the
-# first-order prediction of the previous step,
+# `kwng_jax.adaptive_damping` adapts $\epsilon$ the Levenberg–Marquardt way.
+# It compares the actual decrease of the loss with the decrease the previous
+# update $u_{t-1}$ predicted to first order,
 #
-# $$\rho_t = \frac{2\,(L_{t-1} - L_t)}{\mathrm{lr}\,\langle g_{t-1}, \hat g_{t-1}\rangle},$$
+# $$\rho_t = c\,\frac{L_{t-1} - L_t}{-\langle g_{t-1}, u_{t-1}\rangle},$$
 #
-# keeps the largest $\rho$ of a window of 5 steps, and at the end of the
+# keeps the largest $\rho$ of a window of steps, and at the end of the
 # window divides $\epsilon$ by 0.85 if it is below 0.25 (the model
 # over-promised: trust it less) or multiplies it by 0.85 if it is above 0.75,
 # within $[10^{-10}, 10^5]$. That is why the update needs `value=loss`.
-# (kwng_jax puts the chain's actual update $u$ in place of
-# $-\mathrm{lr}\,\hat g$, so the rule stays right after clipping, momentum
-# or a schedule.)
+# Using the chain's actual update $u$ keeps the prediction right whatever
+# comes after `scale_by_kwng` (the cap on the displacement, clipping,
+# momentum, a schedule).
+#
+# * `kwng_jax.kwng` adapts at every step (`window=1`) against the
+#   first-order prediction ($c = 1$);
+# * `kwng_jax.published_kwng` uses the published rule: a window of 5 steps
+#   and $c = 2$ (so that an exact Newton step on a quadratic scores 1). With
+#   its update $u = -\mathrm{lr}\,\hat g$ (when the clipping does not act)
+#   the ratio is $2 (L_{t-1} - L_t) / (\mathrm{lr}\,\langle g_{t-1},
+#   \hat g_{t-1}\rangle)$.
 #
 # Which $\epsilon$ is small or large depends on the eigenvalues of
 # $\tilde T D \tilde T^\top$. `kwng_jax.build_preconditioner` returns that
@@ -365,51 +398,74 @@ print('parameters unchanged:', all(bool(jnp.array_equal(a, b)) for a, b in
 
 # %%
 images0, labels0 = train_x[:BATCH_SIZE], train_y[:BATCH_SIZE]
-preconditioner = kwng_jax.build_preconditioner(
-    lambda p: logits_fn(p, images0), params0, key=root_key, num_basis=5)
+preconditioner = kwng_jax.build_preconditioner(  # damping='safe', as in kwng_jax.kwng.
+    lambda p: logits_fn(p, images0), params0, key=root_key, num_basis=5, damping='safe')
 print('eigenvalues of T D T^T:', np.linalg.eigvalsh(np.asarray(preconditioner.gram)))
 
 # %% [markdown]
-# Below, the same optimizer started from several $\epsilon_0$ on both sides
-# of them: we set the state field with `optax.tree_utils.tree_set`, which also
+# Below, both optimizers started from several $\epsilon_0$ on both sides of
+# them: we set the state field with `optax.tree_utils.tree_set`, which also
 # lets one steer $\epsilon$ by hand (or keep it fixed, with
-# `kwng_jax.kwng(..., adaptive=False)`). Since the update function is the
-# same, the step is compiled once.
+# `kwng_jax.kwng(..., adaptive=False)`, likewise for `published_kwng`). For
+# each optimizer the update function is the same, so its step is compiled
+# once.
 
 # %%
+published = kwng_jax.published_kwng(PUBLISHED_LEARNING_RATE, num_basis=5)
+damping_optimizers = {
+    'kwng': (adaptive_kwng, adaptive_step),
+    'published_kwng': (published, make_train_step(published)),
+}
 damping_runs = {}
-for epsilon0 in INITIAL_EPSILONS:
-  state0 = otu.tree_set(adaptive_kwng.init(params0), kwng_epsilon=jnp.asarray(epsilon0, jnp.float32))
-  _, _, damping_runs[epsilon0] = train(adaptive_step, params0, state0, NUM_STEPS)
+for name, (optimizer, step) in damping_optimizers.items():
+  for epsilon0 in INITIAL_EPSILONS:
+    state0 = otu.tree_set(optimizer.init(params0), kwng_epsilon=jnp.asarray(epsilon0, jnp.float32))
+    _, _, damping_runs[name, epsilon0] = train(step, params0, state0, NUM_STEPS)
 
 
 def moving_average(values, width=10):  # Minibatch losses are noisy.
   return np.convolve(values, np.ones(width) / width, mode='valid')
 
 
-fig, (ax_eps, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-for epsilon0, log in damping_runs.items():
-  ax_eps.plot(log['epsilon'], label=f'$\\epsilon_0$ = {epsilon0:g}')
-  ax_loss.plot(moving_average(log['loss']), label=f'$\\epsilon_0$ = {epsilon0:g}')
+fig, (ax_eps, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+for (name, epsilon0), log in damping_runs.items():
+  style = dict(color=f'C{INITIAL_EPSILONS.index(epsilon0)}',
+               linestyle='-' if name == 'kwng' else '--',
+               label=f'{name}, $\\epsilon_0$ = {epsilon0:g}')
+  ax_eps.plot(log['epsilon'], **style)
+  ax_loss.plot(moving_average(log['loss']), **style)
+  print(f"{name:15s} epsilon0 = {epsilon0:7g}: final epsilon {log['epsilon'][-1]:8.1e}, "
+        f"mean loss of the last 10 steps {log['loss'][-10:].mean():.3f}")
 ax_eps.set(yscale='log', xlabel='step', ylabel='kwng_epsilon', title='Adaptive $\\epsilon$ over training')
 ax_loss.set(yscale='log', xlabel='step', ylabel='minibatch loss (moving average)',
             title='Loss for each starting $\\epsilon_0$')
-ax_eps.legend(fontsize=8)
+ax_eps.legend(fontsize=7)
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# $\epsilon$ moves by at most a factor $0.85$ per window of 5 steps, about a
-# decade every 70 steps, so the starting value matters over a short run.
-# Once $\epsilon$ is far below those eigenvalues, shrinking it further
-# changes little: the part of $g$ outside the $M$ measured directions, scaled
-# by $1/\epsilon$, dominates $\hat g$, and the clipping to norm 1 removes the
-# $1/\epsilon$. Starts above them make KWNG the diagonally preconditioned gradient $D g$
-# until $\epsilon$ has come down; compare the loss curves to see what that
-# costs or gains on this problem. Note also that the published rule compares
-# the losses of two *different* minibatches, so $\rho$ is noisy; keeping the
-# largest $\rho$ of the window biases it upwards, and $\epsilon$ tends to
-# shrink steadily while training makes progress.
+# Solid lines: `kwng_jax.kwng`; dashed: `kwng_jax.published_kwng`.
+#
+# * $\epsilon$ changes by at most a factor $0.85$ per step under the rule of
+#   `kwng_jax.kwng` (a decade in 14 steps) and per window of 5 steps under
+#   the published one (a decade in 71). Neither rule drives $\epsilon$
+#   towards what trains fastest: they test whether the first-order model of
+#   the loss can be trusted. Here the per-step rule leaves $\epsilon$ near
+#   its start, while the published rule shrinks it steadily: it compares the
+#   losses of two *different* minibatches, so $\rho$ is noisy, and keeping
+#   the largest $\rho$ of the window biases it upwards.
+# * A start far above the eigenvalues of $\tilde T D \tilde T^\top$
+#   ($\epsilon_0 = 10^3$) makes KWNG the diagonally preconditioned gradient
+#   $D g$, and `kwng_jax.kwng` trains more slowly from there: the default
+#   $\epsilon_0 = 10^{-5}$, below them, is the better start. Once
+#   $\epsilon$ is well below them, shrinking it further changes little: the
+#   part of $g$ outside the $M$ measured directions, scaled by
+#   $1/\epsilon$, dominates $\hat g$, and the cap on the displacement (or
+#   the published clipping) removes the $1/\epsilon$.
+# * Whatever $\epsilon_0$, `kwng_jax.kwng` ends below the published chain
+#   on this problem: its steps are measured on the logits, which the
+#   ill-conditioned head does not distort, while a step of length 1 in
+#   parameter space is distorted by it.
 #
 # ## 4. Ridgeless against ridge
 #

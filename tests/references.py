@@ -44,11 +44,24 @@ def whiten(t, gram, rcond):
 
 def damping(whitened, kind):
   norms = np.linalg.norm(whitened, axis=0)
+  if kind == 'safe':
+    seen = np.any(whitened != 0, axis=0)
+    typical = np.sqrt(np.mean(norms[seen] ** 2))
+    return np.where(seen, 1.0 / (norms + 1e-8), 1.0 / typical)
   return {
       'reference': 1.0 / (norms + 1e-8),
       'squared': 1.0 / (norms**2 + 1e-8),
       'identity': np.ones_like(norms),
   }[kind]
+
+
+def unseen_curvature(whitened, kind):
+  """'safe': the squared RMS seen column norm on the zero columns; else zeros."""
+  norms = np.linalg.norm(whitened, axis=0)
+  seen = np.any(whitened != 0, axis=0)
+  if kind != 'safe':
+    return np.zeros_like(norms)
+  return np.where(seen, 0.0, np.mean(norms[seen] ** 2))
 
 
 def natural_gradient(t, q, k, g, *, kind, epsilon, ridge=0.0, rcond=1e-12):
@@ -61,10 +74,12 @@ def natural_gradient(t, q, k, g, *, kind, epsilon, ridge=0.0, rcond=1e-12):
   gram = q + ridge * k
   whitened = whiten(t, gram, rcond)
   d = damping(whitened, kind)
-  direct = np.linalg.solve(whitened.T @ whitened + epsilon * np.diag(1.0 / d), g)
+  v = unseen_curvature(whitened, kind)
+  direct = np.linalg.solve(whitened.T @ whitened + np.diag(v) + epsilon * np.diag(1.0 / d), g)
   if ridge == 0:
     inner = whitened @ (d[:, None] * whitened.T) + epsilon * np.eye(len(whitened))
-    woodbury = d * (g - whitened.T @ np.linalg.solve(inner, whitened @ (d * g))) / epsilon
+    residual = g - whitened.T @ np.linalg.solve(inner, whitened @ (d * g))
+    woodbury = d / (epsilon + v * d) * residual
   else:
     inner = t @ (d[:, None] * t.T) + ridge * epsilon * k + epsilon * q
     woodbury = d * (g - t.T @ np.linalg.solve(inner, t @ (d * g))) / epsilon

@@ -1,4 +1,4 @@
-"""The adaptive (Levenberg–Marquardt) damping of the published optimizer."""
+"""The adaptive (Levenberg–Marquardt) damping: the published rule and the per-step one."""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ def feed(opt, params, outputs_fn, loss_fn, values):
 
 def test_no_decrease_grows_epsilon_at_each_window_end(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
-  opt = kwng_jax.kwng(0.1, epsilon=1e-3)
+  opt = kwng_jax.published_kwng(0.1, epsilon=1e-3)
   epsilons, _ = feed(opt, params, outputs_fn, loss_fn, [1.0] * 10)
   np.testing.assert_allclose(epsilons[:4], 1e-3, rtol=1e-6)
   np.testing.assert_allclose(epsilons[4:9], 1e-3 / 0.85, rtol=1e-6)
@@ -35,7 +35,7 @@ def test_no_decrease_grows_epsilon_at_each_window_end(mlp_problem):
 
 def test_large_decrease_shrinks_epsilon(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
-  opt = kwng_jax.kwng(1e-3, epsilon=1e-3)
+  opt = kwng_jax.published_kwng(1e-3, epsilon=1e-3)
   epsilons, _ = feed(opt, params, outputs_fn, loss_fn, [100.0 - 10.0 * t for t in range(10)])
   np.testing.assert_allclose(epsilons[:4], 1e-3, rtol=1e-6)
   np.testing.assert_allclose(epsilons[4], 1e-3 * 0.85, rtol=1e-6)
@@ -45,7 +45,7 @@ def test_large_decrease_shrinks_epsilon(mlp_problem):
 def test_ratio_between_thresholds_keeps_epsilon(mlp_problem):
   """An actual decrease of a quarter of the prediction (ρ = 0.5) keeps ε."""
   params, outputs_fn, loss_fn = mlp_problem
-  opt = kwng_jax.kwng(0.1, epsilon=1e-3)
+  opt = kwng_jax.published_kwng(0.1, epsilon=1e-3)
 
   def half_of_predicted(state):
     # ρ = 2 (L_prev - L) / predicted = 0.5  <=>  L = L_prev - predicted / 4.
@@ -59,10 +59,10 @@ def test_ratio_between_thresholds_keeps_epsilon(mlp_problem):
 
 def test_epsilon_stays_within_its_bounds(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
-  high = kwng_jax.kwng(0.1, epsilon=0.95e5)
+  high = kwng_jax.published_kwng(0.1, epsilon=0.95e5)
   epsilons, _ = feed(high, params, outputs_fn, loss_fn, [1.0] * 10)
   assert epsilons.max() == pytest.approx(1e5)
-  low = kwng_jax.kwng(1e-3, epsilon=1.05e-10)
+  low = kwng_jax.published_kwng(1e-3, epsilon=1.05e-10)
   epsilons, _ = feed(low, params, outputs_fn, loss_fn, [100.0 - 10.0 * t for t in range(10)])
   assert epsilons.min() == pytest.approx(1e-10)
 
@@ -70,7 +70,7 @@ def test_epsilon_stays_within_its_bounds(mlp_problem):
 def test_predicted_decrease_is_lr_times_alignment_for_the_published_chain(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
   lr = 0.05
-  opt = kwng_jax.kwng(lr, max_norm=None, num_basis=8)
+  opt = kwng_jax.published_kwng(lr, max_norm=None, num_basis=8)
   _, states = feed(opt, params, outputs_fn, loss_fn, [1.0])
   info = otu.tree_get(states[0], 'kwng_info')
   assert not bool(info.fallback)
@@ -80,9 +80,66 @@ def test_predicted_decrease_is_lr_times_alignment_for_the_published_chain(mlp_pr
 
 def test_missing_value_and_missing_kwng_are_named(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
-  opt = kwng_jax.kwng(0.1)
+  opt = kwng_jax.published_kwng(0.1)
   grads = jax.grad(loss_fn)(params)
   with pytest.raises(ValueError, match='value'):
     opt.update(grads, opt.init(params), params, outputs_fn=outputs_fn)
   with pytest.raises(ValueError, match='scale_by_kwng'):
     kwng_jax.adaptive_damping(optax.sgd(0.1)).init(params)
+
+
+def linear_problem():
+  inputs = jax.random.normal(jax.random.key(0), (32, 3))
+  outputs_fn = lambda p: inputs @ p  # noqa: E731
+  loss_fn = lambda p: jnp.mean(jnp.square(outputs_fn(p) - 1.0))  # noqa: E731
+  return jnp.zeros((3, 2)), outputs_fn, loss_fn
+
+
+def epsilons_along_training(opt, num_steps):
+  params, outputs_fn, loss_fn = linear_problem()
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(grads, state, params, outputs_fn=outputs_fn, value=loss)
+    return params + updates, state, loss
+
+  epsilons, losses = [], []
+  for _ in range(num_steps):
+    params, state, loss = step(params, state)
+    epsilons.append(float(otu.tree_get(state, 'kwng_epsilon')))
+    losses.append(float(loss))
+  return np.array(epsilons), np.array(losses)
+
+
+def test_per_step_rule_grows_epsilon_when_steps_raise_the_loss():
+  """kwng()'s first steps move the samples by 1 (RMS) and overshoot: ε must rise."""
+  epsilons, losses = epsilons_along_training(kwng_jax.kwng(), 12)
+  assert losses[5] > losses[0]
+  # From the second step on, every failed step divides ε by 0.85.
+  assert epsilons[-1] > 1e-5 / 0.85**8, epsilons
+
+
+def test_per_step_rule_shrinks_epsilon_when_steps_work():
+  """Small steps decrease the loss as predicted: ε must fall at every step."""
+  epsilons, losses = epsilons_along_training(kwng_jax.kwng(0.005), 12)
+  assert np.all(np.diff(losses) < 0)
+  np.testing.assert_allclose(epsilons[-1], 1e-5 * 0.85**11, rtol=1e-4)
+
+
+def test_per_step_rule_compares_with_the_first_order_prediction(mlp_problem):
+  params, outputs_fn, loss_fn = mlp_problem
+  opt = kwng_jax.adaptive_damping(
+      optax.chain(kwng_jax.scale_by_kwng(epsilon=1e-3), optax.sgd(1e-3)),
+      window=1, ratio_scale=1.0)
+
+  def fraction_of_predicted(fraction):
+    return lambda state: state.damping_previous_loss - fraction * state.damping_predicted_decrease
+
+  # ρ = 0.5 keeps ε (the published factor 2 would make it 1 and shrink it);
+  # ρ = 0.2 grows it and ρ = 0.9 shrinks it, at the very next step.
+  epsilons, _ = feed(opt, params, outputs_fn, loss_fn,
+                     [5.0, fraction_of_predicted(0.5), fraction_of_predicted(0.2),
+                      fraction_of_predicted(0.9)])
+  np.testing.assert_allclose(epsilons, [1e-3, 1e-3, 1e-3 / 0.85, 1e-3], rtol=1e-5)

@@ -10,8 +10,8 @@ def test_demo_trains_all_optimizers_and_writes_results(tmp_path, capsys, standar
   out = tmp_path / 'demo'
   results = demo.main(['--epochs', '2', '--hidden', '16', '--out', str(out)])
   printed = capsys.readouterr().out
-  assert [r['optimizer'] for r in results] == ['SGD', 'Adam', 'KWNG (M=5)']
-  for name in ('SGD', 'Adam', 'KWNG (M=5)'):
+  assert [r['optimizer'] for r in results] == ['SGD', 'Adam', 'KWNG (M=5)', 'KWNG published']
+  for name in ('SGD', 'Adam', 'KWNG (M=5)', 'KWNG published'):
     assert name in printed
   saved = json.loads(out.with_suffix('.json').read_text())
   assert len(saved['results'][2]['test_accuracy']) == 2

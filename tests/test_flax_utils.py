@@ -84,7 +84,7 @@ def test_nnx_optimizer_with_kwng_trains_and_matches_manual_optax_update():
       logit_scales=datasets.ill_conditioned_scales(NUM_CLASSES, -3.0, 0.0),
       rngs=_rngs(),
   )
-  tx = kwng_jax.kwng(1.0)
+  tx = kwng_jax.published_kwng(1.0)
   num_steps = 10
 
   # The pattern of plain Optax, on the pure state of the parameters.
@@ -156,7 +156,7 @@ def test_batch_stats_after_kwng_step_equal_sgd_step(fused):
   sgd_model = nnx.clone(kwng_model)
   reference = nnx.clone(kwng_model)
 
-  kwng_optimizer = nnx.Optimizer(kwng_model, kwng_jax.kwng(0.1), wrt=nnx.Param)
+  kwng_optimizer = nnx.Optimizer(kwng_model, kwng_jax.published_kwng(0.1), wrt=nnx.Param)
   _kwng_train_step(fused)(kwng_model, kwng_optimizer, inputs, labels)
 
   sgd_optimizer = nnx.Optimizer(sgd_model, optax.sgd(0.1), wrt=nnx.Param)
@@ -201,7 +201,7 @@ def test_value_grad_and_outputs_fn_matches_two_pass_update(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
   targets = jax.random.normal(jax.random.key(3), (32, 4))
   loss_from_outputs = lambda out: jnp.mean(jnp.square(out - targets))  # noqa: E731
-  tx = kwng_jax.kwng(0.1)
+  tx = kwng_jax.published_kwng(0.1)
   state = tx.init(params)
 
   @jax.jit
@@ -276,7 +276,7 @@ def test_linen_kwng_train_state_matches_manual_update():
   inputs, labels = _data()
   model = LinenNet()
   variables = model.init(jax.random.key(1), inputs)
-  tx = kwng_jax.kwng(0.3)
+  tx = kwng_jax.published_kwng(0.3)
   state = BatchStatsTrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables['batch_stats'],

@@ -75,34 +75,36 @@ def test_classification_quick_writes_complete_json(bench, tmp_path):
       assert len(r['grid_epoch_seconds']) == 2
       assert all(_finite(s) and s > 0 for s in r['grid_epoch_seconds'])
 
-  search = payload['search']
-  labels = [c['label'] for c in search['configs']]
-  assert len(labels) == 2 and search['best']['label'] in labels
-  published = next(r for r in payload['results'] if (r['model'], r['conditioning'], r['method'])
-                   == ('mlp', 'ill', 'KWNG (published)'))
-  # The search starts from the published configuration, whose grid it reuses.
-  assert search['configs'][0]['summary']['test_accuracy'] == published['test_accuracy']
-
-  confirmation = payload['confirmation']
-  assert sorted(confirmation) == sorted(['SGD', 'Adam', 'KWNG (published)', 'KWNG (searched)'])
-  for entry in confirmation.values():
-    assert len(entry['seeds']) == 4 and not set(entry['seeds']) & set(seeds)
-    assert all(0.0 <= a <= 1.0 for a in entry['test_accuracy_per_seed'])
-  assert confirmation['SGD']['learning_rate'] == next(
-      r['selected_learning_rate'] for r in payload['results']
-      if (r['model'], r['conditioning'], r['method']) == ('mlp', 'ill', 'SGD'))
+  comparisons = payload['fresh_seeds']
+  assert [(c['model'], c['conditioning']) for c in comparisons] == [('mlp', 'well'), ('mlp', 'ill')]
+  for comparison in comparisons:
+    entries = comparison['entries']
+    assert list(entries) == list(classification.COMPARED)
+    for entry in entries.values():
+      assert len(entry['seeds']) == 2 and not set(entry['seeds']) & set(seeds)
+      assert all(0.0 <= a <= 1.0 for a in entry['test_accuracy_per_seed'])
+    selected = {r['method']: r for r in payload['results']
+                if (r['model'], r['conditioning']) == ('mlp', comparison['conditioning'])}
+    assert entries['SGD']['learning_rate'] == selected['SGD']['selected_learning_rate']
+    # 'Muon' is the Muon entry with the better validation accuracy.
+    muons = [name for name in selected if name.startswith('Muon')]
+    assert entries['Muon']['method'] == max(muons, key=lambda m: selected[m]['val_accuracy']['mean'])
+    versus = comparison['versus']
+    assert sorted(versus) == sorted(set(classification.COMPARED) - {classification.KWNG})
+    expected = np.mean(np.subtract(entries['KWNG']['test_accuracy_per_seed'],
+                                   entries['Adam']['test_accuracy_per_seed']))
+    assert np.isclose(versus['Adam']['mean'], expected, atol=1e-3)
 
   targets = payload['targets']
-  versus_sgd = targets['published_kwng_vs_best_sgd']
-  assert _finite(versus_sgd['points_selection_seeds']) and _finite(versus_sgd['points_fresh_seeds'])
-  versus_adam = targets['searched_kwng_vs_tuned_adam']
-  assert versus_adam['paired_fresh_seeds']['runs'] == 4
-  assert isinstance(versus_adam['met'], bool)
-  for name in ('classification.png', 'classification_search.png'):
+  for key in ('mlp_vs_adam', 'mlp_vs_muon', 'mlp_ill_within_5_of_well', 'mlp_well_vs_adam'):
+    assert isinstance(targets[key]['met'], bool)
+  assert np.isclose(targets['mlp_vs_adam']['points'],
+                    100 * comparisons[1]['versus']['Adam']['mean'], atol=1e-2)
+  for name in ('classification.png', 'classification_fresh_seeds.png'):
     assert min(_image_size(tmp_path / name)) > 200
 
-  markdown = bench('readme_training').render(tmp_path / 'classification.json', [])
-  for name in names + ['KWNG (searched)', search['best']['label'], 'Targets']:
+  markdown = bench('readme_training').render([tmp_path / 'classification.json'], [])
+  for name in names + ['Fresh seeds', 'Targets']:
     assert name in markdown
 
 

@@ -1,0 +1,122 @@
+"""The 'safe' damping: parameters whose column of T̃ is zero."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kwng_jax
+import references
+from kwng_jax import factors
+from kwng_jax import solve
+
+from conftest import mlp_apply
+from conftest import mlp_params
+
+
+def problem_with_unused_parameter(dtype=jnp.float32):
+  """An MLP regression with a noise scale the loss uses and the samples do not."""
+  k_params, k_inputs, k_targets = jax.random.split(jax.random.key(0), 3)
+  params = {**mlp_params(k_params, dtype=dtype), 'log_scale': jnp.zeros((), dtype)}
+  inputs = jax.random.normal(k_inputs, (32, 3), dtype)
+  targets = jax.random.normal(k_targets, (32, 4), dtype)
+
+  def outputs_fn(p):
+    return mlp_apply(p, inputs)
+
+  def loss_fn(p):
+    residual = outputs_fn(p) - targets
+    return jnp.mean(jnp.square(residual)) * jnp.exp(-2 * p['log_scale']) + 2 * p['log_scale']
+
+  return params, outputs_fn, loss_fn
+
+
+@pytest.mark.usefixtures('enable_x64')
+@pytest.mark.parametrize('damping', ['safe', 'reference'])
+def test_zero_column_direction_equals_dense_float64_transcription(damping):
+  params, outputs_fn, loss_fn = problem_with_unused_parameter(jnp.float64)
+  samples = np.asarray(outputs_fn(params))
+  flat, unravel = ravel_pytree(params)
+  jacobian = np.asarray(jax.jacrev(lambda v: outputs_fn(unravel(v)))(flat))
+  grads = jax.grad(loss_fn)(params)
+  indices, coords = factors.select_basis(32, 4, 6, key=jax.random.key(0))
+  t, q, k, _ = references.factors(samples, jacobian, np.asarray(indices), np.asarray(coords))
+  g = np.asarray(ravel_pytree(grads)[0])
+  marker = {name: jnp.full_like(x, name == 'log_scale') for name, x in params.items()}
+  column = int(jnp.argmax(ravel_pytree(marker)[0]))
+  assert np.all(t[:, column] == 0) and np.all(np.any(t != 0, axis=0)[np.arange(t.shape[1]) != column])
+  direct, woodbury = references.natural_gradient(t, q, k, g, kind=damping, epsilon=1e-3)
+  np.testing.assert_allclose(direct, woodbury, rtol=1e-7, atol=1e-9)
+
+  direction, _ = kwng_jax.natural_gradient(
+      grads, outputs_fn, params, epsilon=1e-3, damping=damping,
+      basis_indices=indices, basis_coords=coords)
+  np.testing.assert_allclose(ravel_pytree(direction)[0], direct, rtol=1e-7, atol=1e-9)
+
+
+def test_safe_damping_bounds_the_step_of_an_unseen_parameter():
+  params, outputs_fn, loss_fn = problem_with_unused_parameter()
+  grads = jax.grad(loss_fn)(params)
+  key = jax.random.key(1)
+  directions = {}
+  for damping in ('reference', 'safe'):
+    preconditioner = kwng_jax.build_preconditioner(
+        outputs_fn, params, key=key, num_basis=5, damping=damping)
+    directions[damping], _ = kwng_jax.apply_preconditioner(preconditioner, grads, 1e-5)
+  # 'reference' gives the zero column D = 1e8: a step 1e8 g / eps there.
+  np.testing.assert_allclose(directions['reference']['log_scale'],
+                             1e8 * grads['log_scale'] / 1e-5, rtol=1e-4)
+  # 'safe': g / (c^2 + eps c), c the RMS norm of the seen columns.
+  norms = np.concatenate([np.linalg.norm(np.asarray(t).reshape(5, -1), axis=0)
+                          for name, t in preconditioner.whitened.items() if name != 'log_scale'])
+  typical = np.sqrt(np.mean(norms**2))
+  np.testing.assert_allclose(directions['safe']['log_scale'],
+                             grads['log_scale'] / (typical**2 + 1e-5 * typical), rtol=1e-4)
+  # The seen parameters do not couple to a zero column: both dampings agree there.
+  for name in ('w1', 'b1', 'w2', 'b2'):
+    np.testing.assert_allclose(directions['safe'][name], directions['reference'][name],
+                               rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(directions['reference'][name]))))
+
+
+def test_safe_equals_reference_without_zero_columns(mlp_problem):
+  params, outputs_fn, loss_fn = mlp_problem
+  grads = jax.grad(loss_fn)(params)
+  key = jax.random.key(2)
+  safe, _ = kwng_jax.natural_gradient(grads, outputs_fn, params, key=key, damping='safe')
+  reference, _ = kwng_jax.natural_gradient(grads, outputs_fn, params, key=key,
+                                           damping='reference')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), safe, reference)
+
+
+def test_samples_that_see_no_parameter_give_a_scaled_gradient():
+  params = {'w': jnp.arange(3.0)}
+  grads = {'w': jnp.ones(3)}
+  constant = jnp.ones((16, 2))
+  direction, info = kwng_jax.natural_gradient(
+      grads, lambda p: constant + 0.0 * p['w'][0], params, key=jax.random.key(0),
+      damping='safe', epsilon=1e-2)
+  # No column seen: c = 1, so the direction is g / (1 + eps).
+  np.testing.assert_allclose(direction['w'], 1.0 / 1.01, rtol=1e-6)
+
+
+def test_stored_preconditioner_holds_the_unseen_curvature():
+  params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
+  empty = kwng_jax.Preconditioner.empty(params, 4, damping='safe')
+  assert jax.tree.structure(empty.unseen) == jax.tree.structure(params)
+  assert kwng_jax.Preconditioner.empty(params, 4).unseen is None
+  params, outputs_fn, loss_fn = problem_with_unused_parameter()
+  opt = kwng_jax.scale_by_kwng(num_basis=4, damping='safe', update_every=2)
+  state = opt.init(params)
+  grads = jax.grad(loss_fn)(params)
+  step = jax.jit(lambda s: opt.update(grads, s, params, outputs_fn=outputs_fn))
+  first, state = step(state)
+  second, state = step(state)  # reuses the stored factors
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), first, second)
+  assert float(state.kwng_preconditioner.unseen['log_scale']) > 0
+  assert np.isfinite(float(first['log_scale']))
+
+
+def test_unknown_damping_is_named():
+  with pytest.raises(ValueError, match="'safe'"):
+    solve.check_damping('floored')
