@@ -248,8 +248,8 @@ KFAC_JAX = (
     'kfac_jax imports, but its first optimizer step fails in '
     'kfac_jax/_src/tag_graph_matcher.py eval_jaxpr_eqn: "subfuns, bind_params = '
     'eqn.primitive.get_bind_params(eqn.params)" -> ValueError: too many values to unpack, '
-    'since jax 0.10 get_bind_params returns the params alone. SPEC section 3 records an '
-    'earlier run of the GitHub head: test accuracy 0.10 on the ill-conditioned MLP at every '
+    'since jax 0.10 get_bind_params returns the params alone. An earlier run of its GitHub '
+    'head gave test accuracy 0.10 on the ill-conditioned MLP at every '
     'learning rate and damping tried, 0.99 well-conditioned.')
 
 
