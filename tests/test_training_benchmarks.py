@@ -203,7 +203,7 @@ def test_speed_quick_writes_complete_json(bench, tmp_path):
       entries['KWNG M=5 [update_every=10]']['mean_ratio_to_sgd'])
   assert min(_image_size(tmp_path / 'speed_cpu.png')) > 200
 
-  markdown = bench('readme_training').render(None, [tmp_path / 'speed_cpu.json'])
+  markdown = bench('readme_training').render([], [tmp_path / 'speed_cpu.json'])
   assert all(f'| {name} |' in markdown for name in entries)
 
 
