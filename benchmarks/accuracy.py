@@ -26,7 +26,7 @@ Studies: error against N (M = ⌈d√N⌉, median and quartiles over the seeds,
 log–log slope), against M at fixed N, against the bandwidth multiplier
 :math:`10^{-2} \ldots 10^{2}` for the Gaussian and rational-quadratic kernels,
 a table of estimator variants (kernel, ridge, damping, naive), and the
-log-normal. The targets of the issue are checked and reported (not asserted:
+log-normal. The accuracy targets are checked and reported (not asserted:
 this is a measurement).
 
 Run ``python benchmarks/accuracy.py`` (about 13 minutes of CPU time, most of
@@ -60,7 +60,7 @@ import common
 
 EPSILON = 1e-5
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / 'results' / 'accuracy'
-#: Median relative error targets of the issue: (d, N, M) -> threshold.
+#: Median relative error targets: (d, N, M) -> threshold.
 ERROR_TARGETS = {(2, 4096, 128): 0.03, (5, 4096, 320): 0.05}
 SLOPE_TARGET = -0.25
 SLOPE_TARGET_DIMS = (1, 2, 5)

@@ -253,7 +253,7 @@ def accuracy_errors(config, split, scales, runner):
 
 def gaussian_errors(config):
   """Relative error against the exact Wasserstein natural gradient of a
-  Cholesky-parametrized 2-D Gaussian (SPEC §1.5), float32."""
+  Cholesky-parametrized 2-D Gaussian, float32."""
   try:
     from kwng_jax import exact
   except ImportError:

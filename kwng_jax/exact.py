@@ -2,7 +2,7 @@ r"""Exact Wasserstein information matrices, the references KWNG is tested on.
 
 KWNG estimates the Wasserstein natural gradient :math:`G_W(\theta)^{-1} g`
 from samples. This module gives :math:`G_W` in closed form (or by
-deterministic quadrature) for the families of SPEC §1.5, so that estimates
+deterministic quadrature) for location, Gaussian and one-dimensional families, so that estimates
 can be measured against the truth:
 
 * location families :math:`X = \mu + Z`: :math:`G_W = I`
@@ -99,7 +99,7 @@ def location_metric(dim: int, dtype: Any = None) -> jax.Array:
            [0., 1.]], dtype=float32)
 
   References:
-    Arbel et al., ICLR 2020, SPEC §1.5.
+    Arbel et al., ICLR 2020.
   """
   return jnp.eye(dim, dtype=dtype)
 
@@ -119,7 +119,7 @@ def wasserstein_natural_gradient(
   eigendecomposition of the symmetric matrix), so a singular metric — such
   as the 'full' Gaussian one, see :func:`gaussian_metric` — gives the
   minimum-norm solution when :math:`\epsilon = 0`. This is the target KWNG
-  estimates (SPEC §1.5: :math:`(G_W + \epsilon I)^{-1} g`).
+  estimates, :math:`(G_W + \epsilon I)^{-1} g`.
 
   Args:
     metric: the symmetric positive semi-definite :math:`P \times P` matrix
@@ -143,7 +143,7 @@ def wasserstein_natural_gradient(
     Array([0.5, 0. ], dtype=float32)
 
   References:
-    Arbel et al., ICLR 2020, eq. (3) and SPEC §1.2.
+    Arbel et al., ICLR 2020, eq. (3).
   """
   flat, unravel = ravel_pytree(grads)
   dtype = _float_dtype(metric, flat)
@@ -473,7 +473,7 @@ def gaussian_metric(
     (5, 5)
 
   References:
-    Takatsu (2011); Arbel et al., ICLR 2020, SPEC §1.5.
+    Takatsu (2011); Arbel et al., ICLR 2020.
   """
   theta = jnp.asarray(theta)
   _, a = gaussian_unpack(theta, parametrization)
@@ -851,7 +851,7 @@ def quantile_metric(
     True
 
   References:
-    Arbel et al., ICLR 2020, SPEC §1.5; Villani, *Topics in Optimal
+    Arbel et al., ICLR 2020; Villani, *Topics in Optimal
     Transportation* (2003), §2.2.
   """
   theta = jnp.asarray(theta)

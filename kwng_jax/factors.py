@@ -1,4 +1,4 @@
-r"""The factors of one KWNG step: basis, W, Q, K and T (SPEC §1.1).
+r"""The factors of one KWNG step: basis, W, Q, K and T.
 
 Given samples :math:`X_n = h_\theta(Z_n) \in \mathbb{R}^d`, a basis of M
 sample points :math:`Y_m = X_{n_m}` with one coordinate :math:`i_m` each, and a
@@ -155,7 +155,7 @@ def basis_rkhs_gram(
   r""":math:`K[m, m'] = \partial_{x_{i_m}}\partial_{y_{i_{m'}}} k(Y_m, Y_{m'})`.
 
   The RKHS Gram matrix of the basis functions, used by the ridge estimator
-  (SPEC §1.3). Symmetrized, since roundoff in autodiff breaks the exact
+  (:math:`\lambda > 0`). Symmetrized, since roundoff in autodiff breaks the exact
   symmetry a symmetric kernel has.
 
   Returns:

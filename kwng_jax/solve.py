@@ -1,6 +1,6 @@
 r"""Solves of the KWNG estimator: whitening, damping, and the M×M system.
 
-Both estimators of SPEC §1.2–1.3 share one shape. With a Gram matrix
+Both estimators of the paper, ridgeless and ridge, share one shape. With a Gram matrix
 :math:`G = Q + \lambda K` (:math:`\lambda = 0`: ridgeless) and its
 eigendecomposition :math:`G = U S U^\top`, the whitened factor
 
