@@ -62,9 +62,9 @@ def sample_displacement(
     >>> import jax.numpy as jnp
     >>> from kwng_jax import displacement
     >>> x = jnp.array([[1.0], [2.0]])
-    >>> outputs_fn = lambda p: x * p['w']   # samples w * x_n
+    >>> outputs_fn = lambda p: x * p['w']   # samples w * x_n, w a scalar
     >>> float(displacement.sample_displacement(
-    ...     outputs_fn, {'w': jnp.ones(1)}, {'w': jnp.full(1, 2.0)}))
+    ...     outputs_fn, {'w': jnp.ones(())}, {'w': jnp.full((), 2.0)}))
     3.1622...
   """
   tangent = jax.tree.map(
