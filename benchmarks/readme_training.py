@@ -101,20 +101,22 @@ def fresh_seeds_section(payload: dict[str, Any], out_dir: pathlib.Path) -> list[
     return []
   lines = ['**Fresh seeds.** Each optimizer at its selected learning rate, rerun with '
            f"{len(next(iter(comparisons[0]['entries'].values()))['seeds'])} new seeds; "
-           'KWNG minus it, paired by seed (same initialization and minibatch order), '
-           '± the standard error of the paired differences.', '']
+           'each KWNG minus it, in points, paired by seed (same initialization and minibatch '
+           'order), ± the standard error of the paired differences.', '']
   for comparison in comparisons:
+    kwngs = list(comparison['versus'])
     lines += [f"*{comparison['model'].upper()}, {comparison['conditioning']}-conditioned*", '',
-              '| optimizer | lr | test accuracy | KWNG − it (points) | KWNG wins |',
-              '|---|---|---|---|---|']
+              '| optimizer | lr | test accuracy | ' + ' | '.join(f'{k} − it' for k in kwngs) + ' |',
+              '|---|---|---|' + '---|' * len(kwngs)]
     for name, entry in comparison['entries'].items():
-      versus = comparison['versus'].get(name)
-      paired = ('—', '—') if versus is None else (
-          f"{100 * versus['mean']:+.1f} ± {100 * (versus['standard_error'] or 0):.1f}",
-          f"{versus['wins']}/{versus['runs']}")
+      cells = []
+      for kwng in kwngs:
+        versus = comparison['versus'][kwng].get(name)
+        cells.append('—' if versus is None else
+                     f"{100 * versus['mean']:+.1f} ± {100 * (versus['standard_error'] or 0):.1f}")
       label = entry.get('method', name)
       lines.append(f"| {label} | {entry['learning_rate']:g} | {_pm(entry['test_accuracy'])} | "
-                   f"{paired[0]} | {paired[1]} |")
+                   + ' | '.join(cells) + ' |')
     lines.append('')
   lines += [f"![fresh seeds]({_link(out_dir / 'classification_fresh_seeds.png')})", '']
   lines += targets_section(payload['targets'])

@@ -89,17 +89,21 @@ def test_classification_quick_writes_complete_json(bench, tmp_path):
     # 'Muon' is the Muon entry with the better validation accuracy.
     muons = [name for name in selected if name.startswith('Muon')]
     assert entries['Muon']['method'] == max(muons, key=lambda m: selected[m]['val_accuracy']['mean'])
-    versus = comparison['versus']
-    assert sorted(versus) == sorted(set(classification.COMPARED) - {classification.KWNG})
-    expected = np.mean(np.subtract(entries['KWNG']['test_accuracy_per_seed'],
-                                   entries['Adam']['test_accuracy_per_seed']))
-    assert np.isclose(versus['Adam']['mean'], expected, atol=1e-3)
+    kwngs = (classification.KWNG, classification.KWNG_M20)
+    assert sorted(comparison['versus']) == sorted(kwngs)
+    for kwng in kwngs:
+      versus = comparison['versus'][kwng]
+      assert sorted(versus) == sorted(set(classification.COMPARED) - set(kwngs))
+      expected = np.mean(np.subtract(entries[kwng]['test_accuracy_per_seed'],
+                                     entries['Adam']['test_accuracy_per_seed']))
+      assert np.isclose(versus['Adam']['mean'], expected, atol=1e-3)
 
   targets = payload['targets']
-  for key in ('mlp_vs_adam', 'mlp_vs_muon', 'mlp_ill_within_5_of_well', 'mlp_well_vs_adam'):
+  for key in ('mlp_vs_adam', 'mlp_vs_muon', 'mlp_vs_muon_m20', 'mlp_ill_within_5_of_well',
+              'mlp_well_vs_adam'):
     assert isinstance(targets[key]['met'], bool)
   assert np.isclose(targets['mlp_vs_adam']['points'],
-                    100 * comparisons[1]['versus']['Adam']['mean'], atol=1e-2)
+                    100 * comparisons[1]['versus']['KWNG']['Adam']['mean'], atol=1e-2)
   for name in ('classification.png', 'classification_fresh_seeds.png'):
     assert min(_image_size(tmp_path / name)) > 200
 
