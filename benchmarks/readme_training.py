@@ -226,7 +226,7 @@ def render(classification_jsons: Sequence[pathlib.Path],
     lines += speed_section(existing)
   lines += [
       'Reproduce: `python benchmarks/classification.py --models mlp` (about 10 minutes on 2 '
-      'CPU cores) and `--models cnn` (about 4 minutes on one H200; 40 on 2 CPU cores); '
+      'CPU cores) and `--models cnn` (about 35 minutes on 2 CPU cores, 4 on one H200); '
       '`--quick` is the CI smoke test; `python benchmarks/speed.py`; then '
       '`python benchmarks/readme_training.py`.',
       '']
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--classification', type=pathlib.Path, nargs='*',
                       default=[RESULTS / 'classification_mlp' / 'classification.json',
-                               RESULTS / 'classification_cnn_h200' / 'classification.json'])
+                               RESULTS / 'classification_cnn' / 'classification.json'])
   parser.add_argument('--speed', type=pathlib.Path, nargs='*',
                       default=sorted((RESULTS / 'speed').glob('speed_*.json')))
   parser.add_argument('--out', type=pathlib.Path, default=None)
