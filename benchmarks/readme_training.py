@@ -156,8 +156,8 @@ def speed_section(payloads: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> li
       '(each step timed up to `block_until_ready`, the optimizers interleaved in rounds of 20 '
       'steps). Median step: the median over all steps; mean step: the median over rounds of '
       "each round's mean, the cost per step of `update_every=10`, which rebuilds at 2 of a "
-      "round's 20 steps. KWNG is `kwng_jax.kwng` (published chain: adaptive ε, clip 1) with M "
-      'basis functions. Memory: the optimizer state, and the scratch memory XLA allocates for '
+      "round's 20 steps. KWNG is `kwng_jax.published_kwng` (adaptive ε, clip 1) with M "
+      'basis functions; the recommended `kwng_jax.kwng` adds one `jax.jvp` per step. Memory: the optimizer state, and the scratch memory XLA allocates for '
       "the whole step (`memory_analysis().temp_size_in_bytes`); KWNG's extra scratch over "
       "SGD's holds T and T̃ (M×P each) and the batched backward pass. What `update_every` "
       'costs and why (and why not on a CPU with convolutions) is in '
@@ -221,15 +221,16 @@ def render(classification_jsons: Sequence[pathlib.Path],
     lines += ['## Classification benchmark', '']
   for path in existing_classification:
     lines += classification_section(json.loads(path.read_text()), path)
+  if existing_classification:
+    lines += [
+        'Reproduce: `python benchmarks/classification.py --models mlp` (about 10 minutes on 2 '
+        'CPU cores) and `--models cnn` (about 35 minutes on 2 CPU cores, 4 on one H200); '
+        '`--quick` is the CI smoke test; then `python benchmarks/readme_training.py`.', '']
   existing = [(path, json.loads(path.read_text())) for path in speed_jsons if path.exists()]
   if existing:
     lines += speed_section(existing)
-  lines += [
-      'Reproduce: `python benchmarks/classification.py --models mlp` (about 10 minutes on 2 '
-      'CPU cores) and `--models cnn` (about 35 minutes on 2 CPU cores, 4 on one H200); '
-      '`--quick` is the CI smoke test; `python benchmarks/speed.py`; then '
-      '`python benchmarks/readme_training.py`.',
-      '']
+    lines += ['Reproduce: `python benchmarks/speed.py`, then '
+              '`python benchmarks/readme_training.py`.', '']
   return '\n'.join(lines)
 
 
