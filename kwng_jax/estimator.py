@@ -80,7 +80,7 @@ class Preconditioner(NamedTuple):
     effective_rank: the number of kept eigenvalues of the Gram matrix.
     finite_samples: whether the samples were all finite.
     unseen: with ``damping='safe'``, the curvature given to the parameters
-      the samples do not see (:func:`kwng_jax.solve.unseen_curvature`);
+      the samples do not see (:func:`kwng_jax.solve.safe_damping`);
       None otherwise.
   """
 
@@ -277,8 +277,10 @@ def build_preconditioner(
     jacobian = jax.tree.map(lambda t, p: t.astype(p.dtype), jacobian, params)
   with jax.default_matmul_precision(FULL_PRECISION):
     whitened, rank = solve.whitened_jacobian(jacobian, gram, rcond)
-    damping_diag = solve.damping_diagonal(whitened, damping)
-    unseen = solve.unseen_curvature(whitened, damping)
+    if damping == 'safe':
+      damping_diag, unseen = solve.safe_damping(whitened)
+    else:
+      damping_diag, unseen = solve.damping_diagonal(whitened, damping), None
     # The contraction over the parameters runs over FSDP-sharded axes.
     damped_gram = sharding.in_auto_mode(
         solve.damped_gram, out_sharding=PartitionSpec()

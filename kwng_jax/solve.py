@@ -132,10 +132,11 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
     covariant under a rescaling :math:`\theta_j \to a\theta_j`;
   * ``'identity'``: :math:`D = 1`;
   * ``'safe'``: ``'reference'`` on the columns the samples see. A column
-    they do not see (a column of zeros: a parameter the loss uses but ``outputs_fn`` does not, a ReLU unit dead
-    on the batch, T from a sub-batch) gets :math:`D_j = 1/c`, with :math:`c`
-    the root mean square of the seen column norms, instead of
-    :math:`10^8`; :func:`unseen_curvature` completes it.
+    they do not see (a column of zeros: a parameter the loss uses but
+    ``outputs_fn`` does not, a ReLU unit dead on the batch, T from a
+    sub-batch) gets :math:`D_j = 1/c`, with :math:`c` the root mean square
+    of the seen column norms, instead of :math:`10^8`;
+    :func:`safe_damping` gives it its curvature too.
 
   Args:
     whitened: :math:`\tilde T`, leaves with a leading axis of size M.
@@ -146,12 +147,7 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
   """
   check_damping(damping)
   if damping == 'safe':
-    norms, seen, typical = _seen_columns(whitened)
-    return jax.tree.map(
-        lambda n, m: 1.0 / jnp.where(m, n + DAMPING_OFFSET, typical.astype(n.dtype)),
-        norms,
-        seen,
-    )
+    return safe_damping(whitened)[0]
 
   def diagonal(t):
     squared_norm = jnp.sum(jnp.square(t), axis=0)
@@ -164,54 +160,46 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
   return jax.tree.map(diagonal, whitened)
 
 
-def unseen_curvature(whitened: PyTree, damping: str) -> PyTree | None:
-  r"""The curvature :math:`v` given to the columns the samples do not see.
+def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
+  r"""D and the curvature :math:`v` of ``damping='safe'``.
 
-  For ``damping='safe'``: :math:`v_j = c^2` on an unseen column (see
-  :func:`damping_diagonal`) and 0 elsewhere; None for the other dampings.
-  The metric of the solve becomes
+  On a column of :math:`\tilde T` the samples see, :math:`D_j` is the
+  ``'reference'`` one and :math:`v_j = 0`. On a column of zeros,
+  :math:`D_j = 1/c` and :math:`v_j = c^2`, with :math:`c` the root mean
+  square of the seen column norms. The metric of the solve becomes
   :math:`\tilde T^\top\tilde T + \mathrm{diag}(v) + \epsilon D^{-1}`: an
   unseen parameter is preconditioned as a typical seen parameter would be
   if the samples moved with it alone, :math:`\hat g_j = g_j / (c^2 +
   \epsilon c)`, instead of :math:`10^8 g_j / \epsilon` (which grows without
-  bound as :math:`\epsilon \to 0` and no step length measured on the
+  bound as :math:`\epsilon \to 0`, and which no step length measured on the
   samples can see).
-
-  Args:
-    whitened: :math:`\tilde T`, leaves with a leading axis of size M.
-    damping: one of :data:`DAMPINGS`.
-
-  Returns:
-    :math:`v`, shaped like one row of ``whitened``, or None.
-  """
-  if damping != 'safe':
-    return None
-  norms, seen, typical = _seen_columns(whitened)
-  return jax.tree.map(
-      lambda n, m: jnp.where(m, 0.0, jnp.square(typical)).astype(n.dtype),
-      norms,
-      seen,
-  )
-
-
-def _seen_columns(whitened: PyTree) -> tuple[PyTree, PyTree, jax.Array]:
-  """Column norms, masks of the columns the samples see, and their RMS norm c.
 
   A column is unseen when it is exactly zero: no magnitude threshold can
   tell a zero column from a real but tiny one (the paper's ill-conditioned
-  head gives whitened columns 1e-14 times the largest, and 'reference'
+  head gives whitened columns 1e-14 times the largest, and the 'reference'
   damping relies on them).
+
+  Args:
+    whitened: :math:`\tilde T`, leaves with a leading axis of size M.
+
+  Returns:
+    ``(D, v)``, each shaped like one row of ``whitened``.
   """
   norms = jax.tree.map(lambda t: jnp.sqrt(jnp.sum(jnp.square(t), axis=0)), whitened)
   seen = jax.tree.map(lambda t: jnp.any(t != 0, axis=0), whitened)
   norm_leaves, seen_leaves = jax.tree.leaves(norms), jax.tree.leaves(seen)
-  total = sum(jnp.sum(jnp.where(m, jnp.square(n), 0.0)) for n, m in zip(norm_leaves, seen_leaves))
+  total = sum(jnp.sum(jnp.where(m, jnp.square(n), 0.0))
+              for n, m in zip(norm_leaves, seen_leaves))
   count = sum(jnp.sum(m, dtype=jnp.int32) for m in seen_leaves)
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
   mean_square = total / jnp.maximum(count, 1).astype(total.dtype)
   typical = jnp.where(count > 0, jnp.sqrt(mean_square), 1.0)
-  return norms, seen, typical
+  damping = jax.tree.map(
+      lambda n, m: 1.0 / jnp.where(m, n + DAMPING_OFFSET, typical.astype(n.dtype)), norms, seen)
+  unseen = jax.tree.map(
+      lambda n, m: jnp.where(m, 0.0, jnp.square(typical)).astype(n.dtype), norms, seen)
+  return damping, unseen
 
 
 def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -270,7 +258,7 @@ def damped_natural_gradient(
     damping: D, shaped like ``grads``.
     gram: :math:`\tilde T D \tilde T^\top` from :func:`damped_gram`.
     epsilon: :math:`\epsilon > 0`.
-    unseen: the curvature :math:`v` of :func:`unseen_curvature`, or None.
+    unseen: the curvature :math:`v` of :func:`safe_damping`, or None.
       Where it is positive the column of :math:`\tilde T` is zero, so the
       metric's diagonal there is :math:`v_j + \epsilon / D_j` and nothing
       else changes.
