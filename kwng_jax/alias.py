@@ -9,6 +9,7 @@ import optax
 from kwng_jax import damping as damping_lib
 from kwng_jax import displacement
 from kwng_jax import kernels as kernels_lib
+from kwng_jax import options
 from kwng_jax import transform
 
 
@@ -107,6 +108,7 @@ def kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
+  options.check_learning_rate(learning_rate)
   chain = optax.chain(
       transform.scale_by_kwng(
           num_basis,
@@ -164,7 +166,8 @@ def published_kwng(
     num_basis: M, the number of basis functions (published: 5).
     epsilon: initial damping strength (published: 1e-5).
     max_norm: clip the direction to this global norm (published: 1);
-      ``None`` disables clipping.
+      ``None`` disables clipping. The norm is computed in at least float32
+      (:func:`kwng_jax.transform.clip_by_global_norm`).
     adaptive: adapt :math:`\epsilon` from the loss (published: on).
     kernel: see :func:`kwng_jax.scale_by_kwng`.
     bandwidth: see :func:`kwng_jax.scale_by_kwng`.
@@ -204,6 +207,7 @@ def published_kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
+  options.check_learning_rate(learning_rate)
   steps = [
       transform.scale_by_kwng(
           num_basis,
@@ -221,7 +225,7 @@ def published_kwng(
       )
   ]
   if max_norm is not None:
-    steps.append(optax.clip_by_global_norm(max_norm))
+    steps.append(transform.clip_by_global_norm(max_norm))
   steps.append(optax.scale_by_learning_rate(learning_rate))
   chain = optax.chain(*steps)
   return damping_lib.adaptive_damping(chain) if adaptive else chain

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from kwng_jax import options
 from kwng_jax import sharding
+from kwng_jax import transform
 
 PyTree = Any
 
@@ -112,14 +114,17 @@ def adaptive_damping(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652), and its published implementation.
   """
-  if window < 1:
-    raise ValueError(f'window={window} must be a positive number of steps.')
-  if not ratio_scale > 0:
-    raise ValueError(f'ratio_scale={ratio_scale} must be positive.')
-  if not 0 < factor < 1:
+  window = options.check_count('window', window, '1 adapts at every step.')
+  options.check_positive('ratio_scale', ratio_scale)
+  options.check_positive('factor', factor)
+  if not factor < 1:
     raise ValueError(f'factor={factor} must lie in (0, 1).')
-  if not 0 < min_epsilon <= max_epsilon:
-    raise ValueError('Need 0 < min_epsilon <= max_epsilon.')
+  options.check_positive('min_epsilon', min_epsilon)
+  options.check_positive('max_epsilon', max_epsilon)
+  if not min_epsilon <= max_epsilon:
+    raise ValueError(
+        f'min_epsilon={min_epsilon} must be at most max_epsilon={max_epsilon}.'
+    )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -143,7 +148,13 @@ def adaptive_damping(
     if value is None:
       raise ValueError(
           'adaptive_damping needs the current loss: pass value=loss to the '
-          'update (e.g. loss, grads = jax.value_and_grad(loss_fn)(params)).'
+          'update (e.g. loss, grads = jax.value_and_grad(loss_fn)(params)). '
+          + transform.MISSING_EXTRA_ARGS_HINT
+      )
+    if jnp.shape(value) != ():
+      raise ValueError(
+          'value must be the scalar loss of the batch; got shape '
+          f'{jnp.shape(value)}. Reduce it first, e.g. value=jnp.mean(losses).'
       )
     loss = jnp.asarray(value).astype(jnp.float32)
     has_previous = state.damping_count > 0

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kwng_jax import options
+from kwng_jax import outputs as outputs_lib
 from kwng_jax import solve
 
 PyTree = Any
@@ -67,24 +69,32 @@ def sample_displacement(
     ...     outputs_fn, {'w': jnp.ones(())}, {'w': jnp.full((), 2.0)}))
     3.1622...
   """
+  # The tangent is u over its largest entry, so that the product J u can
+  # neither overflow nor underflow in the params' dtype (float16); the
+  # factor is put back in at least float32.
+  leaves = [jnp.asarray(u) for u in jax.tree.leaves(updates)]
+  dtype = solve.at_least_float32(*(u.dtype for u in leaves))
+  largest_update = jnp.max(jnp.stack(
+      [jnp.max(jnp.abs(u), initial=0).astype(dtype) for u in leaves]))
+  update_scale = jnp.where(largest_update > 0, largest_update, 1.0)
   tangent = jax.tree.map(
-      lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype), updates, params
+      lambda u, p: (jnp.asarray(u).astype(dtype) / update_scale).astype(
+          jnp.asarray(p).dtype),
+      updates, params,
   )
-  _, moved = jax.jvp(outputs_fn, (params,), (tangent,))
+  with outputs_lib.explained_errors():
+    samples, moved = jax.jvp(outputs_fn, (params,), (tangent,))
+  outputs_lib.as_samples(samples)
   moved = jnp.asarray(moved)
-  if moved.ndim == 0:
-    raise ValueError(
-        'outputs_fn must return samples with a leading batch axis (N, ...); '
-        'it returned a scalar.'
-    )
-  dtype = solve.at_least_float32(moved.dtype)
+  dtype = solve.at_least_float32(moved.dtype, dtype)
   moved = moved.astype(dtype).reshape(moved.shape[0], -1)
   # Scaled by the largest entry first, so that squaring neither overflows
   # nor underflows whatever the units of the samples.
-  scale = jnp.max(jnp.abs(moved))
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
-  mean_square = jnp.mean(jnp.sum(jnp.square(moved / safe_scale), axis=1))
-  return (safe_scale * jnp.sqrt(mean_square)).astype(solve.small_matrix_dtype())
+  largest_move = jnp.max(jnp.abs(moved))
+  move_scale = jnp.where(largest_move > 0, largest_move, 1.0)
+  mean_square = jnp.mean(jnp.sum(jnp.square(moved / move_scale), axis=1))
+  displacement = update_scale.astype(dtype) * move_scale * jnp.sqrt(mean_square)
+  return displacement.astype(solve.small_matrix_dtype())
 
 
 class ScaleByDisplacementState(NamedTuple):
@@ -157,7 +167,7 @@ def scale_by_displacement(
     raise ValueError(
         f'Unknown mode={mode!r}; valid values are {list(DISPLACEMENT_MODES)}.'
     )
-  solve.check_positive_hyperparameter('max_displacement', max_displacement)
+  options.check_positive('max_displacement', max_displacement)
 
   def init_fn(params):
     del params
@@ -166,13 +176,19 @@ def scale_by_displacement(
         displacement=jnp.zeros((), dtype), displacement_scale=jnp.ones((), dtype)
     )
 
-  def update_fn(updates, state, params=None, *, outputs_fn=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, outputs_fn=None, full_params=None,
+      **extra_args,
+  ):
     del state, extra_args
     if outputs_fn is None or params is None:
       raise ValueError(
           'scale_by_displacement needs params and the keyword outputs_fn: '
           'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)).'
       )
+    outputs_fn = outputs_lib.unmasked_outputs_fn(
+        outputs_fn, params, full_params, 'scale_by_displacement'
+    )
     displacement = sample_displacement(outputs_fn, params, updates)
     radius = jnp.asarray(max_displacement).astype(displacement.dtype)
     moves = displacement > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,8 @@ from jax.sharding import PartitionSpec
 
 from kwng_jax import factors
 from kwng_jax import kernels as kernels_lib
+from kwng_jax import options
+from kwng_jax import outputs as outputs_lib
 from kwng_jax import sharding
 from kwng_jax import solve
 
@@ -48,7 +51,16 @@ class KWNGInfo(NamedTuple):
     fallback: True when :math:`\\hat g` is not finite or
       :math:`\\langle g, \\hat g\\rangle \\le 0`; :func:`kwng_jax.scale_by_kwng`
       then uses g instead.
-    finite_inputs: False when the gradient or the samples hold NaN or Inf.
+    finite_inputs: False when the gradient or the samples hold NaN or Inf;
+      the update of :func:`kwng_jax.scale_by_kwng` is then zero.
+    depends_on_params: False when the samples do not depend on the params
+      (T is zero): the direction is then the damped gradient, and
+      ``outputs_fn`` is likely wrong (it closes over the model instead of
+      using its argument).
+    valid_hyperparameters: False when a hyperparameter given as a traced
+      value (:math:`\\epsilon`, ridge, bandwidth, rcond, a pinned basis;
+      e.g. through ``optax.inject_hyperparams``) was out of range; the
+      update of :func:`kwng_jax.scale_by_kwng` is then zero.
   """
 
   bandwidth: jax.Array
@@ -56,6 +68,8 @@ class KWNGInfo(NamedTuple):
   alignment: jax.Array
   fallback: jax.Array
   finite_inputs: jax.Array
+  depends_on_params: jax.Array
+  valid_hyperparameters: jax.Array
 
   @classmethod
   def empty(cls) -> 'KWNGInfo':
@@ -66,6 +80,8 @@ class KWNGInfo(NamedTuple):
         alignment=jnp.zeros((), jnp.float32),
         fallback=jnp.zeros((), jnp.bool_),
         finite_inputs=jnp.ones((), jnp.bool_),
+        depends_on_params=jnp.ones((), jnp.bool_),
+        valid_hyperparameters=jnp.ones((), jnp.bool_),
     )
 
 
@@ -79,6 +95,10 @@ class Preconditioner(NamedTuple):
     bandwidth: the kernel bandwidth used.
     effective_rank: the number of kept eigenvalues of the Gram matrix.
     finite_samples: whether the samples were all finite.
+    depends_on_params: whether T is nonzero, i.e. the samples depend on the
+      params (False: every step is the damped gradient).
+    valid_hyperparameters: whether the options given as traced values
+      (ridge, bandwidth, rcond, a pinned basis) were in range.
     unseen: with ``damping='safe'``, the curvature given to the parameters
       the samples do not see (:func:`kwng_jax.solve.safe_damping`);
       None otherwise.
@@ -90,6 +110,8 @@ class Preconditioner(NamedTuple):
   bandwidth: jax.Array
   effective_rank: jax.Array
   finite_samples: jax.Array
+  depends_on_params: jax.Array
+  valid_hyperparameters: jax.Array
   unseen: PyTree | None = None
 
   @classmethod
@@ -141,6 +163,8 @@ class Preconditioner(NamedTuple):
         bandwidth=jnp.zeros((), jnp.float32),
         effective_rank=jnp.zeros((), jnp.int32),
         finite_samples=jnp.zeros((), jnp.bool_),
+        depends_on_params=jnp.zeros((), jnp.bool_),
+        valid_hyperparameters=jnp.ones((), jnp.bool_),
         unseen=jax.tree.map(zeros, params) if damping == 'safe' else None,
     )
 
@@ -192,36 +216,35 @@ def build_preconditioner(
         '(for a classifier: the logits of the batch). Pass it as the keyword '
         'outputs_fn=...'
     )
-  if params is None:
+  if jacobian_outputs_fn is not None and not callable(jacobian_outputs_fn):
     raise ValueError(
-        'KWNG needs the current params to differentiate outputs_fn: pass '
-        'params to the update.'
+        'jacobian_outputs_fn must be a function params -> samples of the '
+        'first jacobian_samples rows of the batch.'
     )
-  solve.check_damping(damping)
+  outputs_lib.check_params(params)
+  options.check_estimator_options(
+      num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
+      log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
+      jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
+  )
   kernel_fn = kernels_lib.resolve_kernel(kernel)
-  if isinstance(ridge, (int, float)) and ridge < 0:
-    raise ValueError(f'ridge={ridge!r} must be >= 0 (0 gives the ridgeless estimator).')
-
-  check_jacobian_options(jacobian_samples, jacobian_dtype, jacobian_outputs_fn)
 
   jacobian_params = params
   if jacobian_dtype is not None:
-    jacobian_params = jax.tree.map(
-        lambda p: p.astype(jacobian_dtype)
-        if jnp.issubdtype(p.dtype, jnp.floating)
-        else p,
-        params,
-    )
+    jacobian_params = jax.tree.map(lambda p: p.astype(jacobian_dtype), params)
   jacobian_fn = outputs_fn if jacobian_outputs_fn is None else jacobian_outputs_fn
-  jacobian_outputs, vjp_fn = jax.vjp(jacobian_fn, jacobian_params)
-  jacobian_outputs = jnp.asarray(jacobian_outputs)
+  with outputs_lib.explained_errors():
+    jacobian_outputs, vjp_fn = jax.vjp(jacobian_fn, jacobian_params)
+  jacobian_outputs = outputs_lib.as_samples(jacobian_outputs)
+  _warn_if_independent_of_params(vjp_fn, jacobian_outputs)
   if jacobian_outputs_fn is None and jacobian_dtype is None:
     # One forward pass gives the samples and the VJP.
     raw_samples = jacobian_outputs
   else:
     # The samples the kernel sees stay in the params' precision, on the
     # whole batch; under jit this forward pass is shared with the loss's.
-    raw_samples = jnp.asarray(outputs_fn(params))
+    with outputs_lib.explained_errors():
+      raw_samples = outputs_lib.as_samples(outputs_fn(params))
   samples = factors.as_sample_matrix(raw_samples)
   num_samples, dim = samples.shape
   num_rows = _jacobian_rows(
@@ -241,19 +264,19 @@ def build_preconditioner(
     basis_indices, basis_coords = factors.select_basis(
         num_samples, dim, num_basis, key=key
     )
+    valid_basis = jnp.ones((), jnp.bool_)
   else:
-    basis_indices = jnp.asarray(basis_indices, jnp.int32)
-    basis_coords = jnp.asarray(basis_coords, jnp.int32)
-    if basis_indices.shape != basis_coords.shape or basis_indices.ndim != 1:
-      raise ValueError(
-          'basis_indices and basis_coords must both have shape (M,); got '
-          f'{basis_indices.shape} and {basis_coords.shape}.'
-      )
-    factors.check_num_basis(basis_indices.shape[0], num_samples)
+    basis_indices, basis_coords, valid_basis = factors.check_pinned_basis(
+        basis_indices, basis_coords, num_samples, dim
+    )
+  valid_hyperparameters = valid_basis & options.traced_options_valid(
+      bandwidth=bandwidth, log_bandwidth=log_bandwidth, ridge=ridge, rcond=rcond
+  )
 
   # Kernel algebra in at least float32 even for bf16 samples.
   kernel_dtype = solve.at_least_float32(samples.dtype)
   points = samples.astype(kernel_dtype)
+  kernels_lib.check_scalar_kernel(kernel_fn, dim, kernel_dtype)
   finite_samples = jnp.all(jnp.isfinite(points))
   # The basis is gathered out of a (possibly sharded) batch onto every device.
   basis = points.at[basis_indices].get(out_sharding=sharding.replicated())
@@ -271,6 +294,7 @@ def build_preconditioner(
   jacobian = factors.jacobian_factor(
       vjp_fn, cross, jacobian_outputs.shape, jacobian_outputs.dtype
   )
+  depends_on_params = _tree_any_nonzero(jacobian)
   if jacobian_dtype is not None:
     # Back to the params' dtypes: everything after the VJP (whitening,
     # damping, the M×M solve) runs in the precision of the default path.
@@ -292,6 +316,8 @@ def build_preconditioner(
       bandwidth=sigma.astype(jnp.float32),
       effective_rank=rank,
       finite_samples=finite_samples,
+      depends_on_params=depends_on_params,
+      valid_hyperparameters=valid_hyperparameters,
       unseen=unseen,
   )
 
@@ -300,7 +326,13 @@ def apply_preconditioner(
     preconditioner: Preconditioner, grads: PyTree, epsilon: jax.Array
 ) -> tuple[PyTree, KWNGInfo]:
   r"""Returns :math:`\hat g = (\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g` and diagnostics."""
-  solve.check_positive_hyperparameter('epsilon', epsilon)
+  options.check_positive('epsilon', epsilon)
+  if jax.tree.structure(grads) != jax.tree.structure(preconditioner.damping):
+    raise ValueError(
+        'grads must be shaped like params (one gradient leaf per parameter); '
+        f'got the structure {jax.tree.structure(grads)} for params of '
+        f'structure {jax.tree.structure(preconditioner.damping)}.'
+    )
   solve_fn = sharding.in_auto_mode(
       solve.damped_natural_gradient,
       out_sharding=jax.tree.map(sharding.spec_of, grads),
@@ -323,33 +355,11 @@ def apply_preconditioner(
       alignment=alignment,
       fallback=~(finite_direction & (alignment > 0)),
       finite_inputs=finite_grads & preconditioner.finite_samples,
+      depends_on_params=preconditioner.depends_on_params,
+      valid_hyperparameters=preconditioner.valid_hyperparameters
+      & options.traced_options_valid(epsilon=epsilon),
   )
   return direction, info
-
-
-def check_jacobian_options(
-    jacobian_samples: Any, jacobian_dtype: Any, jacobian_outputs_fn: Any
-) -> None:
-  """Raises a ValueError naming a bad ``jacobian_*`` option and its fix."""
-  if jacobian_samples is not None and not (
-      isinstance(jacobian_samples, int) and jacobian_samples >= 1
-  ):
-    raise ValueError(
-        f'jacobian_samples={jacobian_samples!r} must be a positive number of '
-        'samples (or None to use the whole batch).'
-    )
-  if jacobian_dtype is not None and not jnp.issubdtype(
-      jnp.dtype(jacobian_dtype), jnp.floating
-  ):
-    raise ValueError(
-        f'jacobian_dtype={jacobian_dtype!r} must be a floating dtype such as '
-        'jnp.bfloat16 (or None to differentiate in the params\' dtype).'
-    )
-  if jacobian_outputs_fn is not None and not callable(jacobian_outputs_fn):
-    raise ValueError(
-        'jacobian_outputs_fn must be a function params -> samples of the '
-        'first jacobian_samples rows of the batch.'
-    )
 
 
 def _jacobian_rows(
@@ -378,6 +388,30 @@ def _jacobian_rows(
         f'N={num_samples} (the leading axis of what outputs_fn returns).'
     )
   return num_rows
+
+
+def _warn_if_independent_of_params(vjp_fn: Callable[..., Any], samples: jax.Array) -> None:
+  """Warns at trace time when the samples provably do not depend on the params.
+
+  Then T is zero and every step is the damped gradient (flagged at run time
+  by ``KWNGInfo.depends_on_params``). The VJP is traced once more for the
+  check; its jaxpr is not run.
+  """
+  if not outputs_lib.depends_on_input(jax.make_jaxpr(vjp_fn)(samples)):
+    warnings.warn(
+        'The samples of outputs_fn do not depend on params, so KWNG reduces '
+        'to a damped gradient step. outputs_fn must compute the samples from '
+        'the params it is given: lambda p: model.apply(p, x), or for NNX '
+        'kwng_jax.flax_utils.nnx_outputs_fn(model, x), not a closure over '
+        'the model.',
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _tree_any_nonzero(tree: PyTree) -> jax.Array:
+  leaves = [jnp.any(x != 0) for x in jax.tree.leaves(tree)]
+  return jnp.any(jnp.stack(leaves))
 
 
 def _tree_all_finite(tree: PyTree) -> jax.Array:

@@ -79,6 +79,64 @@ def select_basis(
   return indices.astype(jnp.int32), coords.astype(jnp.int32)
 
 
+def check_pinned_basis(
+    basis_indices: Any, basis_coords: Any, num_samples: int, dim: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Checks a pinned basis; returns it as int32 arrays, and whether it is valid.
+
+  Concrete indices and coordinates are checked now: a ValueError names the
+  one that is out of range or repeated. Traced ones cannot be, and the
+  returned bool scalar says whether they were valid (M distinct indices in
+  ``[0, N)``, coordinates in ``[0, d)``).
+
+  Args:
+    basis_indices: M sample indices.
+    basis_coords: M coordinates.
+    num_samples: N.
+    dim: d.
+
+  Returns:
+    ``(indices, coords, valid)``.
+  """
+  indices = jnp.asarray(basis_indices)
+  coords = jnp.asarray(basis_coords)
+  if indices.shape != coords.shape or indices.ndim != 1:
+    raise ValueError(
+        'basis_indices and basis_coords must both have shape (M,); got '
+        f'{indices.shape} and {coords.shape}.'
+    )
+  for name, value in (('basis_indices', indices), ('basis_coords', coords)):
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f'{name} must hold integers; got dtype {value.dtype}.')
+  check_num_basis(indices.shape[0], num_samples)
+  indices, coords = indices.astype(jnp.int32), coords.astype(jnp.int32)
+  in_range = (
+      jnp.all((indices >= 0) & (indices < num_samples))
+      & jnp.all((coords >= 0) & (coords < dim))
+  )
+  ordered = jnp.sort(indices)
+  distinct = jnp.all(ordered[1:] != ordered[:-1])
+  if not isinstance(indices, jax.core.Tracer):
+    if not bool(jnp.all((indices >= 0) & (indices < num_samples))):
+      raise ValueError(
+          f'basis_indices={indices.tolist()} must lie in [0, N={num_samples}), '
+          'the indices of samples in the batch.'
+      )
+    if not bool(distinct):
+      raise ValueError(
+          f'basis_indices={indices.tolist()} must be distinct: the basis '
+          'points are M different samples.'
+      )
+  if not isinstance(coords, jax.core.Tracer) and not bool(
+      jnp.all((coords >= 0) & (coords < dim))
+  ):
+    raise ValueError(
+        f'basis_coords={coords.tolist()} must lie in [0, d={dim}), '
+        'coordinates of one flattened sample.'
+    )
+  return indices, coords, in_range & distinct
+
+
 def check_num_basis(num_basis: int, num_samples: int) -> None:
   """Raises a ValueError unless ``1 <= num_basis <= num_samples``."""
   if not 1 <= num_basis <= num_samples:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +151,24 @@ def resolve_kernel(kernel: KernelLike) -> Kernel:
       'A user kernel must take two positional arguments k(x, y) or three '
       f'k(x, y, bandwidth); {kernel!r} takes {num_args}.'
   )
+
+
+def check_scalar_kernel(kernel: Kernel, dim: int, dtype: Any) -> None:
+  """Raises a ValueError unless ``kernel(x, y, bandwidth)`` returns a scalar.
+
+  Checked on shapes only (``jax.eval_shape``), at trace time, for samples
+  of ``dim`` coordinates.
+  """
+  point = jax.ShapeDtypeStruct((dim,), dtype)
+  shape = jax.eval_shape(
+      kernel, point, point, jax.ShapeDtypeStruct((), dtype)
+  ).shape
+  if shape != ():
+    raise ValueError(
+        'kernel must return a scalar k(x, y) for two samples x and y; it '
+        f'returned shape {shape}. Reduce over the sample\'s coordinates, e.g. '
+        'jnp.exp(-jnp.sum((x - y) ** 2)).'
+    )
 
 
 def _num_positional_args(fn: Callable[..., jax.Array]) -> int | None:

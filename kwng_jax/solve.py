@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-import numpy as np
 
 PyTree = Any
 
@@ -41,22 +40,6 @@ DAMPINGS = ('reference', 'squared', 'identity', 'safe')
 #: Added to column norms so that a parameter the samples do not depend on
 #: gets a large but finite damping (the published constant).
 DAMPING_OFFSET = 1e-8
-
-def check_positive_hyperparameter(name: str, value: Any) -> None:
-  """Raises a ValueError naming ``name`` unless a concrete ``value`` is finite and > 0.
-
-  Python numbers, NumPy scalars and concrete arrays are checked; a traced
-  value (under ``jit`` or ``inject_hyperparams``) cannot be, and passes.
-  """
-  if isinstance(value, jax.core.Tracer) or callable(value):
-    return
-  try:
-    array = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f'{name}={value!r} must be a positive number.') from None
-  if not (array.size and np.all(np.isfinite(array)) and np.all(array > 0)):
-    raise ValueError(f'{name}={value!r} must be a finite positive number.')
-
 
 def check_damping(damping: str) -> None:
   """Raises a ValueError naming the valid dampings unless ``damping`` is one."""

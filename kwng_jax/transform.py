@@ -18,6 +18,8 @@ import optax
 
 from kwng_jax import estimator
 from kwng_jax import kernels as kernels_lib
+from kwng_jax import options
+from kwng_jax import outputs as outputs_lib
 from kwng_jax import sharding
 from kwng_jax import solve
 
@@ -37,6 +39,11 @@ class ScaleByKWNGState(NamedTuple):
     kwng_epsilon: the damping strength :math:`\\epsilon` of the next update
       (changed by :func:`kwng_jax.adaptive_damping`, or by hand with
       ``optax.tree_utils.tree_set``).
+    kwng_epsilon_setting: the ``epsilon`` the transformation was built with
+      at the last update. When that value changes (a hyperparameter of
+      ``optax.inject_hyperparams`` set by hand or by a schedule),
+      ``kwng_epsilon`` is reset to it, and an adaptive rule carries on from
+      there.
     kwng_info: the :class:`kwng_jax.KWNGInfo` diagnostics of the last update.
     kwng_preconditioner: with ``update_every > 1``, the
       :class:`kwng_jax.Preconditioner` (:math:`\tilde T`, D,
@@ -47,6 +54,7 @@ class ScaleByKWNGState(NamedTuple):
 
   kwng_count: jax.Array
   kwng_epsilon: jax.Array
+  kwng_epsilon_setting: jax.Array
   kwng_info: estimator.KWNGInfo
   kwng_preconditioner: estimator.Preconditioner | None = None
 
@@ -80,9 +88,32 @@ def scale_by_kwng(
   ``state.kwng_info.finite_inputs`` is False, so parameters never turn NaN.
 
   Its ``update(updates, state, params, *, outputs_fn, value=None,
-  jacobian_outputs_fn=None, **extra_args)`` needs ``params`` and the keyword
-  ``outputs_fn``, a function ``params -> samples`` of shape ``(N, ...)`` (a
-  classifier's logits for the batch); other extra arguments are ignored.
+  jacobian_outputs_fn=None, full_params=None, **extra_args)`` needs
+  ``params`` and the keyword ``outputs_fn``, a function ``params -> samples``
+  of shape ``(N, ...)`` (a classifier's logits for the batch) that computes
+  the samples from the params it is given; other extra arguments are
+  ignored.
+
+  On a subset of the parameters. Inside ``optax.masked`` or
+  ``optax.multi_transform`` the transformation sees only its leaves (the
+  others are ``optax.MaskedNode``); pass all the params as
+  ``full_params=params`` and the model's own ``outputs_fn`` runs on them,
+  differentiated in the unmasked leaves only: the natural gradient of that
+  subset, the others held fixed.
+
+  Two traps. Inside ``optax.MultiSteps``, KWNG sees the averaged gradient
+  but the samples of the last micro-batch, and its VJPs run at every
+  micro-step (``MultiSteps`` computes the inner update at every step and
+  keeps it at the last only). Under
+  ``jax.jit(opt.update, static_argnames='outputs_fn')``, a new closure per
+  step is a new static argument, so every step recompiles: jit the whole
+  training step instead, with ``outputs_fn`` built inside it.
+
+  Diagnostics. ``state.kwng_info`` (:class:`kwng_jax.KWNGInfo`) flags,
+  without a host sync, non-finite inputs (the update is then zero), a
+  direction that fell back to g, samples that do not depend on the params
+  (also warned about at trace time), and hyperparameters given as traced
+  values that are out of range (the update is then zero).
 
   Amortizing the cost. Almost all of KWNG's extra work is building
   :math:`\tilde T` and D (M vector–Jacobian products over the batch); the
@@ -149,33 +180,28 @@ def scale_by_kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
-  solve.check_damping(damping)
-  kernels_lib.resolve_kernel(kernel)
-  if isinstance(epsilon, (int, float)) and not epsilon > 0:
-    raise ValueError(f'epsilon={epsilon!r} must be positive.')
-  if update_every is None:
-    update_every = 1
-  if isinstance(update_every, jax.Array):
-    raise ValueError(
-        f'update_every={update_every!r} must be a Python int: it decides what '
-        'the optimizer state stores. With optax.inject_hyperparams, list it in '
-        "static_args=('num_basis', 'update_every')."
-    )
-  if not (isinstance(update_every, int) and update_every >= 1):
-    raise ValueError(
-        f'update_every={update_every!r} must be a positive integer number of '
-        'steps (1 rebuilds the preconditioner at every step).'
-    )
-  # Raises the ValueErrors of bad jacobian_* options at construction.
-  estimator.check_jacobian_options(jacobian_samples, jacobian_dtype, None)
+  options.check_estimator_options(
+      num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
+      log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
+      jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
+  )
+  options.check_positive('epsilon', epsilon)
+  options.check_seed(seed)
+  update_every = options.check_count(
+      'update_every', 1 if update_every is None else update_every,
+      '1 rebuilds the preconditioner at every step. '
+      + options.static_args_fix('num_basis', 'update_every'),
+  )
 
   def init_fn(params):
+    outputs_lib.check_params(params)
     stored = None
     if update_every > 1:
       stored = estimator.Preconditioner.empty(params, num_basis, damping)
     return ScaleByKWNGState(
         kwng_count=jnp.zeros((), jnp.int32),
         kwng_epsilon=jnp.asarray(epsilon, jnp.float32),
+        kwng_epsilon_setting=jnp.asarray(epsilon, jnp.float32),
         kwng_info=estimator.KWNGInfo.empty(),
         kwng_preconditioner=stored,
     )
@@ -187,6 +213,7 @@ def scale_by_kwng(
       *,
       outputs_fn=None,
       jacobian_outputs_fn=None,
+      full_params=None,
       **extra_args,
   ):
     del extra_args
@@ -194,8 +221,22 @@ def scale_by_kwng(
       raise ValueError(
           'scale_by_kwng needs the keyword outputs_fn: '
           'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)), '
-          'a function params -> samples of shape (N, ...).'
+          'a function params -> samples of shape (N, ...). '
+          + MISSING_EXTRA_ARGS_HINT
       )
+    outputs_lib.check_params(params)
+    outputs_fn = outputs_lib.unmasked_outputs_fn(
+        outputs_fn, params, full_params, 'scale_by_kwng'
+    )
+    if jacobian_outputs_fn is not None:
+      jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
+          jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
+      )
+    # A changed setting (inject_hyperparams) overrides the current epsilon.
+    setting = jnp.asarray(epsilon, jnp.float32)
+    current_epsilon = jnp.where(
+        setting != state.kwng_epsilon_setting, setting, state.kwng_epsilon
+    )
 
     def build():
       # The key is derived inside, so that steps reusing stored factors skip
@@ -231,18 +272,28 @@ def scale_by_kwng(
           lambda: stored,
       )
     direction, info = estimator.apply_preconditioner(
-        preconditioner, updates, state.kwng_epsilon
+        preconditioner, updates, current_epsilon
     )
     direction = safe_direction(updates, direction, info)
     new_state = ScaleByKWNGState(
         kwng_count=optax.safe_increment(state.kwng_count),
-        kwng_epsilon=state.kwng_epsilon,
+        kwng_epsilon=current_epsilon,
+        kwng_epsilon_setting=setting,
         kwng_info=info,
         kwng_preconditioner=None if stored is None else preconditioner,
     )
     return direction, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: How to pass the extra arguments when a training loop's helper drops them.
+MISSING_EXTRA_ARGS_HINT = (
+    "Flax Linen's TrainState.apply_gradients does not pass extra arguments "
+    'to the optimizer: use kwng_jax.flax_utils.KWNGTrainState, or call '
+    'tx.update(grads, state.opt_state, state.params, outputs_fn=outputs_fn, '
+    'value=loss) yourself.'
+)
 
 
 def _warn_if_convolutions_on_cpu(outputs_fn, params) -> None:
@@ -313,11 +364,56 @@ def safe_direction(
   r"""The published safety net around :math:`\hat g`.
 
   Returns :math:`\hat g` when it is finite and a descent direction, else g;
-  zero where the inputs (g or the samples) are not finite.
+  zero where the inputs (g or the samples) are not finite, or a traced
+  hyperparameter was out of range.
   """
   # With finite inputs, g is finite, and so is ĝ unless the fallback fired.
+  usable = info.finite_inputs & info.valid_hyperparameters
+
   def select(g, d):
     chosen = jnp.where(info.fallback, g, d)
-    return jnp.where(info.finite_inputs, chosen, jnp.zeros_like(chosen))
+    return jnp.where(usable, chosen, jnp.zeros_like(chosen))
 
   return jax.tree.map(select, grads, direction)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  r"""Scales updates down to global norm ``max_norm``, computed without overflow.
+
+  Like ``optax.clip_by_global_norm``, but the norm is accumulated in at
+  least float32 after dividing by the largest entry, and the scaling is
+  applied in at least float32. In float16, the KWNG direction (norms of
+  1e3–1e4) squared overflows; so does a float32 loss scaled by 1e15. With
+  ``optax.clip_by_global_norm`` both give a zero update.
+
+  Args:
+    max_norm: the largest global norm of an update, > 0.
+
+  Returns:
+    An ``optax.GradientTransformation`` (stateless).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kwng_jax import transform
+    >>> clip = transform.clip_by_global_norm(1.0)
+    >>> updates, _ = clip.update({'w': jnp.full(4, 1e4, jnp.float16)}, clip.init(None))
+    >>> updates['w'].tolist()
+    [0.5, 0.5, 0.5, 0.5]
+  """
+  options.check_positive('max_norm', max_norm)
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    dtype = solve.at_least_float32(*(u.dtype for u in leaves))
+    largest = jnp.max(jnp.stack(
+        [jnp.max(jnp.abs(u), initial=0).astype(dtype) for u in leaves]))
+    safe_largest = jnp.where(largest > 0, largest, 1.0)
+    norm = safe_largest * jnp.sqrt(sum(
+        jnp.sum(jnp.square(u.astype(dtype) / safe_largest)) for u in leaves))
+    scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+    updates = jax.tree.map(
+        lambda u: (u.astype(dtype) * scale).astype(u.dtype), updates)
+    return updates, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -179,24 +179,28 @@ def test_default_state_stores_no_factors(mlp_problem):
   params, _, _ = mlp_problem
   state = kwng_jax.scale_by_kwng().init(params)
   assert state.kwng_preconditioner is None
-  assert len(jax.tree.leaves(state)) == 7
+  # Scalars only: count, epsilon and its setting, and the diagnostics.
+  leaves = jax.tree.leaves(state)
+  assert len(leaves) == 3 + len(kwng_jax.KWNGInfo._fields)
+  assert all(leaf.shape == () for leaf in leaves)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_state_size_matches_the_formula(dtype):
   """update_every > 1 stores T̃ (M×P) and D (P) in at least float32, the
-  M×M matrix T̃DT̃ᵀ, and three scalars; the default state is 22 bytes."""
+  M×M matrix T̃DT̃ᵀ, and five scalars; the default state is 28 bytes."""
   num_basis = 5
   params = mlp_params(jax.random.key(0), dims=(7, 6, 3), dtype=dtype)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   assert num_params == 7 * 6 + 6 + 6 * 3 + 3
   small = kwng_jax.scale_by_kwng(num_basis).init(params)
-  # count, epsilon (int32, float32); info: bandwidth, rank, alignment
-  # (4 bytes each), fallback and finite_inputs (bool).
-  assert tree_nbytes(small) == 4 + 4 + 3 * 4 + 2
+  # count, epsilon and its setting (int32, float32, float32); info:
+  # bandwidth, rank, alignment (4 bytes each), and four bool flags.
+  assert tree_nbytes(small) == 4 + 4 + 4 + 3 * 4 + 4
   stored = kwng_jax.scale_by_kwng(num_basis, update_every=4).init(params)
   factor_bytes = 4  # float32 even for bfloat16 params
-  formula = (num_basis + 1) * num_params * factor_bytes + num_basis**2 * 4 + 4 + 4 + 1
+  # T̃ and D, the M×M matrix, bandwidth and rank, and three bool flags.
+  formula = (num_basis + 1) * num_params * factor_bytes + num_basis**2 * 4 + 4 + 4 + 3
   assert tree_nbytes(stored) - tree_nbytes(small) == formula
   shapes = jax.eval_shape(
       kwng_jax.scale_by_kwng(num_basis, update_every=4).init,

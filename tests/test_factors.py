@@ -78,3 +78,26 @@ def test_samples_of_shape_n_are_one_dimensional():
   assert factors.as_sample_matrix(jnp.zeros((4, 2, 3))).shape == (4, 6)
   with pytest.raises(ValueError, match='batch axis'):
     factors.as_sample_matrix(jnp.zeros(()))
+
+
+@pytest.mark.parametrize('indices, coords, name', [
+    ([0, 40], [0, 1], 'basis_indices'),
+    ([-1, 2], [0, 1], 'basis_indices'),
+    ([3, 3], [0, 1], 'basis_indices'),
+    ([0, 1], [0, 4], 'basis_coords'),
+    ([0.0, 1.0], [0, 1], 'basis_indices'),
+])
+def test_pinned_basis_out_of_range_or_repeated_is_named(indices, coords, name):
+  with pytest.raises(ValueError, match=name):
+    factors.check_pinned_basis(jnp.array(indices), jnp.array(coords), 32, 4)
+
+
+def test_traced_pinned_basis_is_flagged_not_clamped():
+  def validity(indices, coords):
+    return factors.check_pinned_basis(indices, coords, 32, 4)[2]
+
+  validity = jax.jit(validity)
+  assert bool(validity(jnp.array([0, 31]), jnp.array([0, 3])))
+  assert not bool(validity(jnp.array([0, 32]), jnp.array([0, 3])))
+  assert not bool(validity(jnp.array([5, 5]), jnp.array([0, 3])))
+  assert not bool(validity(jnp.array([0, 1]), jnp.array([0, 4])))

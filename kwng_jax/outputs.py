@@ -1,0 +1,184 @@
+"""The user's ``outputs_fn`` and ``params``: checks, and the masked-leaves adapter.
+
+KWNG differentiates a function ``outputs_fn: params -> samples`` written by
+the user. This module turns what commonly goes wrong with it into errors
+that name the fix (a tuple of outputs, integer samples, an empty batch, an
+NNX model mutated from inside a transformation), detects samples that do not
+depend on the params, and lets the transformations run inside
+``optax.masked`` and ``optax.multi_transform``, which hand them params whose
+masked leaves are ``optax.MaskedNode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+OutputsFn = Callable[[PyTree], jax.Array]
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def has_masked_leaves(tree: PyTree) -> bool:
+  """Whether ``tree`` holds ``optax.MaskedNode`` leaves (inside ``optax.masked``)."""
+  return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+
+
+def unmasked_outputs_fn(
+    outputs_fn: OutputsFn, params: PyTree, full_params: PyTree | None, who: str
+) -> OutputsFn:
+  """``outputs_fn`` as a function of the leaves ``optax.masked`` left in ``params``.
+
+  Outside ``optax.masked`` (no ``MaskedNode`` in ``params``) returns
+  ``outputs_fn`` itself. Inside it, returns ``sub -> outputs_fn(full)``,
+  where ``full`` is ``full_params`` with the unmasked leaves taken from
+  ``sub``: the model runs whole, and only the unmasked leaves are
+  differentiated (the natural gradient on that subset of the parameters).
+
+  Args:
+    outputs_fn: the user's ``params -> samples``, of all the params.
+    params: the params the transformation was given.
+    full_params: all the params (the extra argument ``full_params=``).
+    who: the transformation's name, for the error message.
+
+  Returns:
+    A function of ``params``.
+
+  Raises:
+    ValueError: when ``params`` is masked and ``full_params`` is missing,
+      masked too, or not shaped like ``params``.
+  """
+  if not has_masked_leaves(params):
+    return outputs_fn
+  if full_params is None:
+    raise ValueError(
+        f'{who} runs inside optax.masked or optax.multi_transform, which '
+        'hides the other parameters from it, but outputs_fn needs all of '
+        'them: pass them as the extra argument full_params=params, e.g. '
+        'opt.update(grads, state, params, outputs_fn=outputs_fn, '
+        'full_params=params).'
+    )
+  if has_masked_leaves(full_params):
+    raise ValueError(
+        'full_params holds masked leaves: pass the whole params, and leave '
+        'optax.masked(..., mask_compatible_extra_args=False), its default.'
+    )
+  if jax.tree.structure(params, is_leaf=_is_masked) != jax.tree.structure(full_params):
+    raise ValueError(
+        'full_params must have the structure of the params given to the '
+        'update (all of them, before masking).'
+    )
+
+  def outputs_of_unmasked(sub: PyTree) -> jax.Array:
+    full = jax.tree.map(
+        lambda s, f: f if _is_masked(s) else s, sub, full_params, is_leaf=_is_masked
+    )
+    return outputs_fn(full)
+
+  return outputs_of_unmasked
+
+
+def check_params(params: PyTree) -> None:
+  """Raises a ValueError unless ``params`` is a non-empty pytree of float arrays."""
+  if params is None:
+    raise ValueError(
+        'KWNG needs the current params to differentiate outputs_fn: pass '
+        'params to the update, opt.update(grads, state, params, ...).'
+    )
+  leaves_with_paths = jax.tree_util.tree_leaves_with_path(params)
+  if not leaves_with_paths:
+    raise ValueError(
+        'params is empty: KWNG has no parameter to precondition. Inside '
+        'optax.masked or optax.multi_transform, give KWNG at least one leaf.'
+    )
+  for path, leaf in leaves_with_paths:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f'params{jax.tree_util.keystr(path)} has dtype {dtype}: KWNG '
+          'differentiates every leaf of params, so all must be floating. '
+          'Keep integer state (step counters, indices) out of params, or '
+          'apply KWNG to the floating leaves only with optax.masked(opt, '
+          'mask) and pass full_params=params to the update.'
+      )
+
+
+def as_samples(raw: Any) -> jax.Array:
+  """What ``outputs_fn`` returned, checked: a floating array of shape (N, ...).
+
+  Raises:
+    ValueError: for a tuple, list or dict, a scalar, an empty batch or
+      sample, or non-floating (integer, complex) samples.
+  """
+  if isinstance(raw, (tuple, list, dict)) or not hasattr(raw, 'dtype'):
+    raise ValueError(
+        'outputs_fn must return one array of samples of shape (N, ...); it '
+        f'returned a {type(raw).__name__}. Return the model output KWNG should '
+        'see (e.g. the logits), or concatenate several along the last axis.'
+    )
+  samples = jnp.asarray(raw)
+  if jnp.issubdtype(samples.dtype, jnp.complexfloating):
+    raise ValueError(
+        f'outputs_fn returned complex samples ({samples.dtype}); KWNG needs '
+        'real ones: return jnp.stack([z.real, z.imag], axis=-1).'
+    )
+  if not jnp.issubdtype(samples.dtype, jnp.floating):
+    raise ValueError(
+        f'outputs_fn returned {samples.dtype} samples; KWNG needs floating '
+        'samples that depend on params (e.g. the logits, not their argmax).'
+    )
+  if samples.ndim == 0:
+    raise ValueError(
+        'outputs_fn must return samples with a leading batch axis, shape '
+        '(N, ...); it returned a scalar (a loss?). Return the per-sample '
+        'model outputs, e.g. the logits.'
+    )
+  if samples.size == 0:
+    raise ValueError(
+        f'outputs_fn returned an empty array of shape {samples.shape}: KWNG '
+        'needs a non-empty batch of non-empty samples.'
+    )
+  return samples
+
+
+@contextlib.contextmanager
+def explained_errors() -> Iterator[None]:
+  """Re-raises errors of ``outputs_fn`` that have a known fix, with the fix."""
+  try:
+    yield
+  except Exception as error:
+    # Matched by name: flax is an optional dependency.
+    if type(error).__name__ == 'TraceContextError':
+      raise ValueError(
+          'outputs_fn mutated the state of an NNX model from inside a JAX '
+          'transformation (BatchNorm statistics, RNG counters); KWNG '
+          'differentiates outputs_fn with jax.vjp, where the model cannot be '
+          'mutated. Build it with kwng_jax.flax_utils.nnx_outputs_fn(model, '
+          'x), which runs a copy of the model and discards what the copy '
+          'mutates.'
+      ) from error
+    raise
+
+
+def depends_on_input(closed_jaxpr: Any) -> bool:
+  """Whether any output of a ``ClosedJaxpr`` depends on any of its inputs.
+
+  Conservative: an equation with a dependent input is taken to make all its
+  outputs dependent, so False is certain and True is not.
+  """
+  jaxpr = closed_jaxpr.jaxpr
+  # Literals (constants) carry a value; variables do not.
+  is_var = lambda v: not hasattr(v, 'val')  # noqa: E731
+  dependent = set(jaxpr.invars)
+  for eqn in jaxpr.eqns:
+    if any(is_var(v) and v in dependent for v in eqn.invars):
+      dependent.update(eqn.outvars)
+  return any(is_var(v) and v in dependent for v in jaxpr.outvars)
