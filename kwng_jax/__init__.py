@@ -22,4 +22,4 @@ from kwng_jax.estimator import Preconditioner
 from kwng_jax.transform import scale_by_kwng
 from kwng_jax.transform import ScaleByKWNGState
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'

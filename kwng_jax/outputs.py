@@ -71,17 +71,24 @@ def unmasked_outputs_fn(
         'full_params holds masked leaves: pass the whole params, and leave '
         'optax.masked(..., mask_compatible_extra_args=False), its default.'
     )
-  if jax.tree.structure(params, is_leaf=_is_masked) != jax.tree.structure(full_params):
+
+  def filled(sub: PyTree) -> PyTree:
+    # A MaskedNode may stand for a whole subtree (a label given to a prefix
+    # of the params in multi_transform): it takes that subtree whole.
+    return jax.tree.map(
+        lambda s, f: f if _is_masked(s) else s, sub, full_params, is_leaf=_is_masked
+    )
+
+  try:
+    filled(params)
+  except ValueError:
     raise ValueError(
         'full_params must have the structure of the params given to the '
         'update (all of them, before masking).'
-    )
+    ) from None
 
   def outputs_of_unmasked(sub: PyTree) -> jax.Array:
-    full = jax.tree.map(
-        lambda s, f: f if _is_masked(s) else s, sub, full_params, is_leaf=_is_masked
-    )
-    return outputs_fn(full)
+    return outputs_fn(filled(sub))
 
   return outputs_of_unmasked
 

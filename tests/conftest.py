@@ -5,7 +5,9 @@ done here, at import time of the test session.
 """
 
 import contextlib
+import importlib
 import os
+import pathlib
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
@@ -39,6 +41,14 @@ def fast_compile():
   """For compile-bound smoke runs of the benchmarks: skips XLA's optimization passes."""
   with jax_option('jax_disable_most_optimizations', True):
     yield
+
+
+@pytest.fixture
+def bench(monkeypatch):
+  """Imports a module of benchmarks/ (they import their sibling ``common``)."""
+  benchmarks = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
+  monkeypatch.syspath_prepend(str(benchmarks))
+  return importlib.import_module
 
 
 @pytest.fixture

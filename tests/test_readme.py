@@ -28,9 +28,10 @@ def samples() -> list[str]:
 
 def test_the_readme_has_the_samples_these_tests_run():
   found = samples()
-  assert len(found) == 6
+  assert len(found) == 7
   assert 'opt = kwng_jax.kwng()' in found[0]
   assert 'jax.distributed.initialize()' in found[5]
+  assert 'full_params=params' in found[6]
 
 
 def mlp_apply(params, images):
@@ -146,3 +147,32 @@ def test_multi_host_sample_runs_as_one_process():
       print('ok')
   ''')
   assert run_in_subprocess(script).splitlines()[-1].startswith('ok')
+
+
+@pytest.mark.usefixtures('standard_promotion')
+def test_multi_transform_sample_trains_each_group_with_its_optimizer():
+  k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+  params = {'hidden': {'w': jax.random.normal(k1, (8, 16)) / 3, 'b': jnp.zeros(16)},
+            'head': {'w': jax.random.normal(k2, (16, 4)) / 4, 'b': jnp.zeros(4)}}
+  images = jax.random.normal(k3, (32, 8))
+  labels = jnp.arange(32) % 4
+
+  def outputs_fn(p):
+    hidden = jax.nn.relu(images @ p['hidden']['w'] + p['hidden']['b'][None, :])
+    return hidden @ p['head']['w'] + p['head']['b'][None, :]
+
+  def loss_fn(p):
+    return optax.softmax_cross_entropy_with_integer_labels(outputs_fn(p), labels).mean()
+
+  namespace = {'jax': jax, 'optax': optax, 'kwng_jax': __import__('kwng_jax'),
+               'params': params, 'loss_fn': loss_fn, 'outputs_fn': outputs_fn}
+  initial = float(loss_fn(params))
+  # The sample builds the optimizer, then takes one step: take ten.
+  setup, step = samples()[6].split('opt_state = opt.init(params)\n')
+  exec(setup + 'opt_state = opt.init(params)\n', namespace)
+  for _ in range(10):
+    exec(step, namespace)
+  inner = namespace['opt_state'].inner_states['kwng'].inner_state
+  info = optax.tree_utils.tree_get(inner, 'kwng_info')
+  assert bool(info.depends_on_params) and not bool(info.fallback)
+  assert float(loss_fn(namespace['params'])) < 0.8 * initial

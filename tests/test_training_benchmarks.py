@@ -11,24 +11,14 @@ The benchmarks run optax.adam, optax.contrib.sophia and Flax code, which
 strict dtype promotion rejects: those tests use ``standard_promotion``.
 """
 
-import importlib
 import json
 import math
-import pathlib
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
-
-
-@pytest.fixture
-def bench(monkeypatch):
-  """Imports a module of benchmarks/ (they import their sibling ``common``)."""
-  monkeypatch.syspath_prepend(str(BENCHMARKS))
-  return importlib.import_module
 
 
 def _finite(x):
