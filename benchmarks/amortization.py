@@ -45,7 +45,7 @@ import optax
 from tqdm import tqdm
 
 import kwng_jax
-from kwng_jax import datasets
+from kwng_jax.examples import datasets
 
 import common
 

@@ -1,7 +1,7 @@
 r"""CIFAR-10/100: ResNet-18 with the ill-conditioned head, SGD against KWNG.
 
 The published experiment of the KWNG paper (Arbel et al., ICLR 2020, §5):
-the CIFAR ResNet-18 of :class:`kwng_jax.models.ResNet18` whose logits are
+the CIFAR ResNet-18 of :class:`kwng_jax.examples.models.ResNet18` whose logits are
 multiplied by ``logspace(-6, 1, num_classes)``, trained with batch 128 by
 
 * ``sgd``: SGD with the gradient clipped to norm 1 (the published baseline
@@ -21,7 +21,7 @@ gives the loss, the gradient and the samples, and BatchNorm statistics move
 once per step, as with SGD.
 
 Nothing is downloaded: pass ``--data-dir``, a folder holding the extracted
-python batches (see :func:`kwng_jax.cifar.load_cifar`). Not run in CI; on one
+python batches (see :func:`kwng_jax.examples.cifar.load_cifar`). Not run in CI; on one
 GPU an epoch takes tens of seconds. ``--synthetic`` replaces the data by
 random CIFAR-shaped arrays: a smoke test of the script, not a measurement.
 
@@ -50,10 +50,10 @@ import numpy as np
 import optax
 
 import kwng_jax
-from kwng_jax import cifar
-from kwng_jax import datasets
+from kwng_jax.examples import cifar
+from kwng_jax.examples import datasets
 from kwng_jax import flax_utils
-from kwng_jax import models
+from kwng_jax.examples import models
 
 import common
 

@@ -2,7 +2,7 @@ r"""Classification benchmark: KWNG against first- and second-order optimizers.
 
 Data: scikit-learn's bundled 8×8 digits (no download), split 60/15/25 into
 train / validation / test (stratified, fixed). Models (Flax NNX, from
-:mod:`kwng_jax.models`): an MLP (64–hidden–10, ReLU) and a small CNN, each
+:mod:`kwng_jax.examples.models`): an MLP (64–hidden–10, ReLU) and a small CNN, each
 with a well-conditioned head and with the paper's ill-conditioned head
 (logits × ``logspace(-6, 1, 10)``, condition number 1e7).
 
@@ -56,8 +56,8 @@ import numpy as np
 import optax
 
 import kwng_jax
-from kwng_jax import datasets
-from kwng_jax import models
+from kwng_jax.examples import datasets
+from kwng_jax.examples import models
 
 import common
 

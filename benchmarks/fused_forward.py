@@ -52,13 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kwng_jax import datasets
+from kwng_jax.examples import datasets
 from kwng_jax import factors
 from kwng_jax import flax_utils
 from kwng_jax import kernels
-from kwng_jax import models
+from kwng_jax.examples import models
 from kwng_jax import solve
-from kwng_jax import transform
+from kwng_jax._src import transform
 
 import common
 
@@ -100,7 +100,7 @@ def stacked_kwng_direction(
   published configuration (Gaussian kernel, mean-distance bandwidth,
   'reference' damping, ridgeless) of :func:`kwng_jax.natural_gradient`, with
   the basis drawn from ``key`` as :func:`kwng_jax.scale_by_kwng` draws it,
-  and the fallback to g of :func:`kwng_jax.transform.safe_direction`.
+  and the fallback to g of :func:`kwng_jax._src.transform.safe_direction`.
 
   Returns:
     ``(grads, direction)``.

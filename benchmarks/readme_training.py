@@ -43,7 +43,7 @@ def classification_section(payload: dict[str, Any], json_path: pathlib.Path) -> 
       '',
       'scikit-learn\'s bundled 8×8 digits (no download), split '
       f"{data['train']} train / {data['val']} validation / {data['test']} test. "
-      f"An MLP (64–{config['hidden']}–10, ReLU) and a small CNN from `kwng_jax.models`, "
+      f"An MLP (64–{config['hidden']}–10, ReLU) and a small CNN from `kwng_jax.examples.models`, "
       'each with a well-conditioned head and with the paper\'s ill-conditioned head '
       '(logits × logspace(−6, 1, 10), condition number 1e7). Batch '
       f"{config['batch_size']}; {config['epochs']} epochs for the MLP, "

@@ -57,9 +57,9 @@ import numpy as np
 import optax
 
 import kwng_jax
-from kwng_jax import datasets
+from kwng_jax.examples import datasets
 from kwng_jax import flax_utils
-from kwng_jax import models
+from kwng_jax.examples import models
 
 import common
 

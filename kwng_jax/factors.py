@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kwng_jax import kernels as kernels_lib
-from kwng_jax import sharding
+from kwng_jax._src import sharding
 
 PyTree = Any
 

@@ -59,7 +59,7 @@ if 'google.colab' in sys.modules:
 # The defaults train each optimizer for a few epochs, enough to see the
 # curves separate, in about a minute on a laptop CPU. For the paper's
 # comparison raise `NUM_EPOCHS` to `100` and `HIDDEN` to `128` (the
-# command-line demo `python -m kwng_jax.demo` does that run).
+# command-line demo `python -m kwng_jax.examples.demo` does that run).
 
 # %% tags=["parameters"]
 NUM_EPOCHS = 15
@@ -87,9 +87,9 @@ import optax.tree_utils as otu
 from flax import nnx
 
 import kwng_jax
-from kwng_jax import datasets
+from kwng_jax.examples import datasets
 from kwng_jax import flax_utils
-from kwng_jax import models
+from kwng_jax.examples import models
 
 print('devices:', jax.devices())
 np.random.seed(SEED)
@@ -97,9 +97,9 @@ np.random.seed(SEED)
 # %% [markdown]
 # ## Data and model
 #
-# `kwng_jax.datasets.load_digits` returns a fixed stratified split of the 1,797
+# `kwng_jax.examples.datasets.load_digits` returns a fixed stratified split of the 1,797
 # bundled images (no download), pixels in $[0, 1]$, shape `(8, 8, 1)`.
-# `kwng_jax.models.MLP` is an NNX module whose optional `logit_scales` are
+# `kwng_jax.examples.models.MLP` is an NNX module whose optional `logit_scales` are
 # stored as a non-trainable variable, so `nnx.Optimizer(..., wrt=nnx.Param)`
 # never touches them.
 

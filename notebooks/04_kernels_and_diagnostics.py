@@ -84,7 +84,7 @@ import optax
 import optax.tree_utils as otu
 
 import kwng_jax
-from kwng_jax import datasets
+from kwng_jax.examples import datasets
 from kwng_jax import exact
 from kwng_jax import kernels
 

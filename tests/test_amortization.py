@@ -61,7 +61,7 @@ def fresh_direction(outputs_fn, params, grads, count, seed=5):
   key = jax.random.fold_in(jax.random.key(seed), count)
   pre = kwng_jax.build_preconditioner(outputs_fn, params, key=key, num_basis=5)
   direction, info = kwng_jax.apply_preconditioner(pre, grads, 1e-5)
-  return kwng_jax.transform.safe_direction(grads, direction, info)
+  return kwng_jax._src.transform.safe_direction(grads, direction, info)
 
 
 #: natural_gradient, compiled: eager dispatch of its many small ops is slower

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from kwng_jax import cifar
+from kwng_jax.examples import cifar
 
 
 def _write_batch(path, data, labels, label_key=b'labels', extra=None):

@@ -2,7 +2,7 @@
 
 import json
 
-from kwng_jax import demo
+from kwng_jax.examples import demo
 
 
 def test_demo_trains_all_optimizers_and_writes_results(tmp_path, capsys, standard_promotion):

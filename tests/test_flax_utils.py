@@ -12,9 +12,9 @@ nnx = pytest.importorskip('flax.nnx')
 linen = pytest.importorskip('flax.linen')
 
 import kwng_jax  # noqa: E402
-from kwng_jax import datasets  # noqa: E402
+from kwng_jax.examples import datasets  # noqa: E402
 from kwng_jax import flax_utils  # noqa: E402
-from kwng_jax import models  # noqa: E402
+from kwng_jax.examples import models  # noqa: E402
 
 NUM_CLASSES = 4
 
@@ -325,6 +325,7 @@ def test_linen_kwng_train_state_matches_manual_update():
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
   # The plain TrainState passes no extra argument to tx.update.
-  with pytest.raises(ValueError, match='value=loss'):
-    flax_utils.train_state.TrainState.apply_gradients(
+  from flax.training import train_state
+  with pytest.raises(ValueError, match='KWNGTrainState'):
+    train_state.TrainState.apply_gradients(
         state, grads=state.params, value=losses[-1])

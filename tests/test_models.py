@@ -8,8 +8,8 @@ import pytest
 
 nnx = pytest.importorskip('flax.nnx')
 
-from kwng_jax import datasets  # noqa: E402
-from kwng_jax import models  # noqa: E402
+from kwng_jax.examples import datasets  # noqa: E402
+from kwng_jax.examples import models  # noqa: E402
 
 SCALES = datasets.ill_conditioned_scales()
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import kwng_jax
-from kwng_jax import options
+from kwng_jax._src import options
 
 NEGATIVE = [-1.0, np.float32(-1), jnp.array(-1.0)]
 

@@ -8,7 +8,7 @@ import optax.tree_utils as otu
 import pytest
 
 import kwng_jax
-from kwng_jax import outputs
+from kwng_jax._src import outputs
 
 
 def one_step(opt, params, outputs_fn, loss_fn, *, use_jit=True, **extra):

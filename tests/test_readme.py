@@ -84,7 +84,7 @@ def test_quick_start_trains_on_the_batch_it_is_given():
 @pytest.mark.usefixtures('standard_promotion')
 def test_flax_sample_trains_the_ill_conditioned_mlp():
   import kwng_jax
-  from kwng_jax import datasets
+  from kwng_jax.examples import datasets
   namespace = {'kwng_jax': kwng_jax, 'optax': optax}
   exec(samples()[3], namespace)
   split = datasets.load_digits()

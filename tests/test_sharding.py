@@ -46,7 +46,7 @@ def make_problem(dtype=jnp.float32):
 
 def apply(params, inputs):
   w1, b1, w2 = params['w1'], params['b1'], params['w2']
-  if kwng_jax.sharding.explicit_axes():
+  if kwng_jax._src.sharding.explicit_axes():
     # FSDP under an explicit mesh: gather the parameters for the forward
     # pass (a no-op for replicated ones). JAX transposes this in the VJP into
     # a reduce-scatter, so gradients and T keep the parameters' sharding.

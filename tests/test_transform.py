@@ -73,10 +73,10 @@ def test_fallback_to_gradient_when_not_a_descent_direction(mlp_problem):
   grads = jax.grad(loss_fn)(params)
   info = kwng_jax.KWNGInfo.empty()._replace(fallback=jnp.array(True))
   direction = jax.tree.map(lambda g: -g, grads)
-  safe = kwng_jax.transform.safe_direction(grads, direction, info)
+  safe = kwng_jax._src.transform.safe_direction(grads, direction, info)
   jax.tree.map(np.testing.assert_array_equal, safe, grads)
   info = info._replace(fallback=jnp.array(False))
-  safe = kwng_jax.transform.safe_direction(grads, direction, info)
+  safe = kwng_jax._src.transform.safe_direction(grads, direction, info)
   jax.tree.map(np.testing.assert_array_equal, safe, direction)
 
 

@@ -22,9 +22,9 @@ from jax.sharding import PartitionSpec
 
 from kwng_jax import factors
 from kwng_jax import kernels as kernels_lib
-from kwng_jax import options
-from kwng_jax import outputs as outputs_lib
-from kwng_jax import sharding
+from kwng_jax._src import options
+from kwng_jax._src import outputs as outputs_lib
+from kwng_jax._src import sharding
 from kwng_jax import solve
 
 PyTree = Any

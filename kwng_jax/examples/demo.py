@@ -5,7 +5,7 @@ multiplied by ``logspace(-6, 1, 10)`` (condition number 1e7), the
 ill-conditioned head of the paper. Plain SGD barely moves the small-scale
 logits; a natural gradient does not care how the logits are scaled.
 
-Run ``python -m kwng_jax.demo`` (or ``kwng-demo``): it trains each optimizer
+Run ``python -m kwng_jax.examples.demo`` (or ``kwng-demo``): it trains each optimizer
 on the CPU in a couple of minutes, prints a table (test accuracy, loss, and
 the steady-state step time of each optimizer measured side by side in this
 process) and writes ``kwng_demo.png`` and ``kwng_demo.json``.
@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import kwng_jax
-from kwng_jax import datasets
+from kwng_jax.examples import datasets
 
 PyTree = Any
 

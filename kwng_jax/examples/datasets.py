@@ -29,7 +29,7 @@ def ill_conditioned_scales(
   """Per-logit scales ``logspace(low, high, num_classes)`` (condition 1e7).
 
   Example:
-    >>> from kwng_jax import datasets
+    >>> from kwng_jax.examples import datasets
     >>> scales = datasets.ill_conditioned_scales()
     >>> float(scales.max() / scales.min())
     10000000.0...
@@ -44,7 +44,7 @@ def load_digits(test_fraction: float = 0.25, *, seed: int = 0) -> Split:
   stratified and fixed by ``seed``. Needs scikit-learn (``kwng_jax[examples]``).
 
   Example:
-    >>> from kwng_jax import datasets
+    >>> from kwng_jax.examples import datasets
     >>> split = datasets.load_digits()
     >>> split.train_images.shape[1:], int(split.train_labels.max())
     ((8, 8, 1), 9)

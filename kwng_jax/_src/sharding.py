@@ -17,7 +17,7 @@ nothing when no explicit mesh is set, so the same code runs on one device.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from kwng_jax import sharding
+  >>> from kwng_jax._src import sharding
   >>> sharding.explicit_axes()  # no mesh set
   ()
   >>> x = jnp.ones((4, 3))
@@ -115,7 +115,7 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from kwng_jax import sharding
+    >>> from kwng_jax._src import sharding
     >>> float(sharding.tree_vdot({'a': jnp.ones(3)}, {'a': jnp.arange(3.0)}))
     3.0
   """

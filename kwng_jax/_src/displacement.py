@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kwng_jax import options
-from kwng_jax import outputs as outputs_lib
+from kwng_jax._src import options
+from kwng_jax._src import outputs as outputs_lib
 from kwng_jax import solve
 
 PyTree = Any
@@ -62,7 +62,7 @@ def sample_displacement(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from kwng_jax import displacement
+    >>> from kwng_jax._src import displacement
     >>> x = jnp.array([[1.0], [2.0]])
     >>> outputs_fn = lambda p: x * p['w']   # samples w * x_n, w a scalar
     >>> float(displacement.sample_displacement(

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kwng_jax import estimator
+from kwng_jax._src import estimator
 from kwng_jax import kernels as kernels_lib
-from kwng_jax import options
-from kwng_jax import outputs as outputs_lib
-from kwng_jax import sharding
+from kwng_jax._src import options
+from kwng_jax._src import outputs as outputs_lib
+from kwng_jax._src import sharding
 from kwng_jax import solve
 
 PyTree = Any
@@ -394,7 +394,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from kwng_jax import transform
+    >>> from kwng_jax._src import transform
     >>> clip = transform.clip_by_global_norm(1.0)
     >>> updates, _ = clip.update({'w': jnp.full(4, 1e4, jnp.float16)}, clip.init(None))
     >>> updates['w'].tolist()

@@ -6,11 +6,11 @@ from typing import Any
 
 import optax
 
-from kwng_jax import damping as damping_lib
-from kwng_jax import displacement
+from kwng_jax._src import adaptive_epsilon
+from kwng_jax._src import displacement
 from kwng_jax import kernels as kernels_lib
-from kwng_jax import options
-from kwng_jax import transform
+from kwng_jax._src import options
+from kwng_jax._src import transform
 
 
 def kwng(
@@ -129,7 +129,7 @@ def kwng(
   )
   if not adaptive:
     return chain
-  return damping_lib.adaptive_damping(chain, window=1, ratio_scale=1.0)
+  return adaptive_epsilon.adaptive_damping(chain, window=1, ratio_scale=1.0)
 
 
 def published_kwng(
@@ -167,7 +167,7 @@ def published_kwng(
     epsilon: initial damping strength (published: 1e-5).
     max_norm: clip the direction to this global norm (published: 1);
       ``None`` disables clipping. The norm is computed in at least float32
-      (:func:`kwng_jax.transform.clip_by_global_norm`).
+      (:func:`kwng_jax.clip_by_global_norm`).
     adaptive: adapt :math:`\epsilon` from the loss (published: on).
     kernel: see :func:`kwng_jax.scale_by_kwng`.
     bandwidth: see :func:`kwng_jax.scale_by_kwng`.
@@ -228,4 +228,4 @@ def published_kwng(
     steps.append(transform.clip_by_global_norm(max_norm))
   steps.append(optax.scale_by_learning_rate(learning_rate))
   chain = optax.chain(*steps)
-  return damping_lib.adaptive_damping(chain) if adaptive else chain
+  return adaptive_epsilon.adaptive_damping(chain) if adaptive else chain

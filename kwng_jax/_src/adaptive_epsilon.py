@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from kwng_jax import options
-from kwng_jax import sharding
-from kwng_jax import transform
+from kwng_jax._src import options
+from kwng_jax._src import sharding
+from kwng_jax._src import transform
 
 PyTree = Any
 

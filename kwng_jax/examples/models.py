@@ -2,7 +2,7 @@ r"""Flax NNX classifiers of the KWNG experiments, with the ill-conditioned head.
 
 Every model ends with an optional fixed per-logit scaling
 :math:`\text{logits} \mapsto \text{logits} \odot s` (``logit_scales``). With
-:func:`kwng_jax.datasets.ill_conditioned_scales`, ``s`` spans seven orders of
+:func:`kwng_jax.examples.datasets.ill_conditioned_scales`, ``s`` spans seven orders of
 magnitude: the published way to make classification ill-conditioned, which a
 natural gradient undoes and plain SGD does not. The scales are stored as a
 :class:`LogitScales` variable, not an ``nnx.Param``, so that
@@ -41,7 +41,7 @@ def _logit_scales(logit_scales: Any, num_classes: int) -> LogitScales | None:
   if scales.shape != (num_classes,):
     raise ValueError(
         f'logit_scales must have shape ({num_classes},) (one scale per class); '
-        f'got {scales.shape}. Use kwng_jax.datasets.ill_conditioned_scales('
+        f'got {scales.shape}. Use kwng_jax.examples.datasets.ill_conditioned_scales('
         f'{num_classes}), or None for the well-conditioned head.'
     )
   return LogitScales(jnp.asarray(scales))
@@ -67,7 +67,7 @@ class MLP(nnx.Module):
       a linear classifier.
     num_classes: the number of logits.
     logit_scales: fixed per-logit scales ``s`` of shape ``(num_classes,)``,
-      e.g. :func:`kwng_jax.datasets.ill_conditioned_scales`; ``None`` for the
+      e.g. :func:`kwng_jax.examples.datasets.ill_conditioned_scales`; ``None`` for the
       well-conditioned head.
     activation: the hidden nonlinearity (``jax.nn.relu`` or ``jnp.tanh``).
     rngs: the ``nnx.Rngs`` that initialize the weights.
@@ -75,7 +75,7 @@ class MLP(nnx.Module):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from kwng_jax import datasets, models
+    >>> from kwng_jax.examples import datasets, models
     >>> model = models.MLP(64, (32,), 10,
     ...                    logit_scales=datasets.ill_conditioned_scales(),
     ...                    rngs=nnx.Rngs(0))
@@ -139,7 +139,7 @@ class CNN(nnx.Module):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from kwng_jax import models
+    >>> from kwng_jax.examples import models
     >>> models.CNN(10, rngs=nnx.Rngs(0))(jnp.ones((3, 8, 8, 1))).shape
     (3, 10)
   """
@@ -280,7 +280,7 @@ class ResNet18(nnx.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-    >>> from kwng_jax import datasets, models
+    >>> from kwng_jax.examples import datasets, models
     >>> model = nnx.eval_shape(lambda: models.ResNet18(
     ...     10, logit_scales=datasets.ill_conditioned_scales(), rngs=nnx.Rngs(0)))
     >>> sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -19,7 +19,7 @@ import pickle
 
 import numpy as np
 
-from kwng_jax.datasets import Split
+from kwng_jax.examples.datasets import Split
 
 #: Per-channel (mean, std) of the published code's torchvision transforms.
 NORMALIZATION = {
@@ -73,7 +73,7 @@ def load_cifar(data_dir: str, dataset: str = 'cifar10') -> Split:
     dataset: ``'cifar10'`` or ``'cifar100'`` (fine labels).
 
   Returns:
-    A :class:`kwng_jax.datasets.Split`: images NHWC float32 (n, 32, 32, 3),
+    A :class:`kwng_jax.examples.datasets.Split`: images NHWC float32 (n, 32, 32, 3),
     normalized per channel (:data:`NORMALIZATION`), labels int32.
 
   Raises:
@@ -82,7 +82,7 @@ def load_cifar(data_dir: str, dataset: str = 'cifar10') -> Split:
     ValueError: for an unknown ``dataset`` or a malformed file.
 
   Example:
-    >>> from kwng_jax import cifar
+    >>> from kwng_jax.examples import cifar
     >>> cifar.load_cifar('/nonexistent')  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

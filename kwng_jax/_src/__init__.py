@@ -1,0 +1,1 @@
+"""The implementation of kwng_jax; import the public names from ``kwng_jax``."""
