@@ -254,3 +254,170 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 if __name__ == '__main__':
   main()
+
+
+# --- Pages of the documentation and the README's headline table -------------
+#
+# Each function below reads committed JSON under benchmarks/results/ and
+# returns Markdown; docs/generate.py calls them at build time, and the
+# README's headline table is `headline_table()` pasted in.
+
+
+def _load(relative: str) -> dict[str, Any]:
+  return json.loads((RESULTS / relative).read_text())
+
+
+def _fresh(payload: dict[str, Any], conditioning: str) -> dict[str, Any]:
+  return next(c for c in payload['fresh_seeds'] if c['conditioning'] == conditioning)
+
+
+def robustness_summary(summary: dict[str, int]) -> str:
+  """One sentence with the counts of ``robustness.json``'s summary."""
+  return (f"{summary['inputs']} bad or unusual inputs ({summary['bad_inputs']} bad, "
+          f"{summary['unusual_inputs']} unusual but valid), each eagerly and under `jit` "
+          f"({summary['trials']} trials): {summary['clear_error']} clear errors, "
+          f"{summary['flagged']} flagged finite updates, {summary['handled']} handled as they "
+          f"should, {summary['cryptic']} cryptic errors, {summary['silent']} silent bad results")
+
+
+def headline_table() -> str:
+  """The README's one table: accuracy, training against baselines, step time, robustness."""
+  accuracy = _load('accuracy/accuracy.json')
+  targets = {t['target']: t['measured'] for t in accuracy['targets']}
+  kwng_error = targets['median error, d=2, N=4096, M=128']
+  naive_ratio = targets['naive / KWNG median error, d=2, N=4096']
+  trajectory = _load('trajectory/trajectory.json')
+  rows = [
+      '| benchmark | result |',
+      '|---|---|',
+      '| accuracy: relative error of the KWNG direction against the exact Wasserstein '
+      'natural gradient, 2-D Gaussian, N = 4096, M = 128 (median, 20 seeds) '
+      f'| {kwng_error:.3f} (the naive metric E[JᵀJ]: {naive_ratio:.0f}× larger) |',
+  ]
+  curves = trajectory['dims']['d=2']['curves']
+  kwng_label = next(label for label in curves if label.startswith('kwng'))
+
+  def iters(label):
+    return ' / '.join(str(curves[label][p]['iterations_to_converge'] or '–')
+                      for p in ('original', 'rescaled'))
+  rows.append('| optimization under reparametrization: iterations to a 1e-6 × initial loss, '
+              '2-D Gaussian, original / one coordinate rescaled ×1e3 '
+              f'| {kwng_label.replace("kwng", "KWNG")}: {iters(kwng_label)}; exact natural '
+              f"gradient: {iters('exact')}; gradient descent (best lr each): {iters('gd')} |")
+  for name, label in (('classification_mlp', 'digits MLP'), ('classification_cnn', 'digits CNN')):
+    entries = _fresh(_load(f'{name}/classification.json'), 'ill')['entries']
+    cells = []
+    for key, shown in (('KWNG', 'KWNG'), ('KWNG (M=20)', 'KWNG M=20'), ('Muon', 'tuned Muon'),
+                       ('Adam', 'tuned Adam'), ('SGD', 'tuned SGD'),
+                       ('KWNG (published)', 'published KWNG')):
+      if key in entries:
+        cells.append(f"{shown} {entries[key]['test_accuracy']['mean']:.3f}")
+    rows.append(f'| {label}, ill-conditioned head (condition number 1e7): test accuracy, '
+                f"10 fresh seeds | {', '.join(cells)} |")
+  speed = _load('speed/speed_cpu.json')
+  cells = []
+  for record in speed['models']:
+    opts = record['optimizers']
+    cells.append(f"{record['model'].upper()}: M=5 {opts['KWNG M=5']['mean_ratio_to_sgd']:.1f}×, "
+                 f"M=20 {opts['KWNG M=20']['mean_ratio_to_sgd']:.1f}×, Adam "
+                 f"{opts['Adam']['mean_ratio_to_sgd']:.2f}×")
+  rows.append(f"| step time over SGD's (mean step, {_device_name(speed['device'])}; KWNG: the "
+              'published chain, the recommended `kwng` adds one `jax.jvp`) '
+              
+              f"| {'; '.join(cells)} |")
+  robustness = _load('robustness/robustness.json')['summary']
+  rows.append(f'| robustness | {robustness_summary(robustness)} |')
+  return '\n'.join(rows) + '\n'
+
+
+def _escape(text: str) -> str:
+  """Plain text for a Markdown table cell: every ASCII punctuation escaped."""
+  import re
+  text = ' '.join(str(text).split())
+  return re.sub(r'([\\`*_\[\]<>|$])', r'\\\1', text)
+
+
+def robustness_page(path: pathlib.Path = RESULTS / 'robustness' / 'robustness.json') -> list[str]:
+  """The robustness probe: its summary and every case, as Markdown."""
+  payload = json.loads(path.read_text())
+  summary = payload['summary']
+  device = payload['device']
+  lines = [f'{robustness_summary(summary)}.', '',
+           f"Run on {_device_name(device)}, jax {device['jax_version']} "
+           f"([JSON]({_link(path)}), [plot]({_link(path.parent / 'robustness.png')})).", '',
+           '| outcome | trials |', '|---|---|']
+  for key in ('clear_error', 'flagged', 'handled', 'cryptic', 'silent'):
+    lines.append(f"| {key.replace('_', ' ')} | {summary[key]} |")
+  lines += ['', f"![robustness outcomes]({_link(path.parent / 'robustness.png')})", '',
+            '| case | kind | mode | outcome | message |', '|---|---|---|---|---|']
+  for case in payload['cases']:
+    lines.append(f"| {_escape(case['case'])} | {case['kind']} | {case['mode']} | "
+                 f"{case['outcome'].replace('_', ' ')} | {_escape(case['message'])} |")
+  lines.append('')
+  return lines
+
+
+def convex_page(path: pathlib.Path = RESULTS / 'convex' / 'convex.json') -> list[str]:
+  """Final loss minus the optimum of every optimizer on the convex problems."""
+  payload = json.loads(path.read_text())
+  columns = sorted({(r['problem'], r['noise'], r['steps']) for r in payload['results']},
+                   key=lambda c: (c[0] != 'least_squares', -c[1]))
+  gaps: dict[str, dict[tuple, float]] = {}
+  for r in payload['results']:
+    gaps.setdefault(r['optimizer'], {})[(r['problem'], r['noise'], r['steps'])] = r['gap']
+
+  def title(column):
+    problem, noise, steps = column
+    name = 'least squares' if problem == 'least_squares' else 'loss-only σ'
+    return f'{name}, noise {noise:g} ({steps} steps)'
+  device = payload['device']
+  lines = [f"Final loss minus the closed-form optimum ({_device_name(device)}, jax "
+           f"{device['jax_version']}, [JSON]({_link(path)})):", '',
+           '| optimizer | ' + ' | '.join(title(c) for c in columns) + ' |',
+           '|---|' + '---|' * len(columns)]
+  for name, by_column in gaps.items():
+    lines.append(f'| {name} | ' + ' | '.join(
+        '–' if by_column.get(c) is None else f'{by_column[c]:.2g}' for c in columns) + ' |')
+  lines += ['', f"![convex]({_link(path.parent / 'convex.png')})", '']
+  return lines
+
+
+AMORTIZATION_NAMES = {
+    'sgd': 'SGD', 'kwng': 'KWNG M=5', 'kwng_update_every': '`update_every=10`',
+    'kwng_subsample': '`jacobian_samples=32` (+ `jacobian_outputs_fn`)',
+    'kwng_bf16': '`jacobian_dtype=bfloat16`', 'noise_floor': '(noise floor) another random basis',
+}
+
+
+def amortization_page(path: pathlib.Path = RESULTS / 'amortization' / 'amortization.json'
+                      ) -> list[str]:
+  """Step time, memory and accuracy of the options that amortize KWNG's cost."""
+  payload = json.loads(path.read_text())
+  config, device = payload['config'], payload['device']
+  lines = [f"Digits MLP 64–{'–'.join(str(h) for h in config['hidden'])}–10 with the "
+           f"ill-conditioned head, batch {config['batch_size']}, "
+           f"P = {payload['memory']['num_params']:,}, M = {config['num_basis']}, the published "
+           f"chain (lr {config['learning_rate']:g}); SGD at lr {config['sgd_learning_rate']:g}. "
+           f"{_device_name(device)}, jax {device['jax_version']} "
+           f"([JSON]({_link(path)})).", '',
+           '| method | step (ms) | × SGD | compile (s) | state bytes beyond SGD | train loss '
+           '| test acc. |', '|---|---|---|---|---|---|---|']
+  for m in payload['methods']:
+    lines.append(f"| {AMORTIZATION_NAMES.get(m['name'], m['name'])} | {m['step_ms']:.2f} | "
+                 f"{m['step_ratio_vs_sgd']:.1f} | {m['compile_s']:.1f} | "
+                 f"{payload['memory']['state_bytes_beyond_sgd'][m['name']]:,} | "
+                 f"{m['final_train_loss']:.2f} | {m['test_accuracy']:.2f} |")
+  lines += ['', f"Stored factors with `update_every`: {payload['memory']['stored_factors_formula']}"
+            f" = {payload['memory']['stored_factors_bytes']:,} bytes; "
+            f"T: {payload['memory']['factor_bytes_formula']} = "
+            f"{payload['memory']['factor_bytes']:,} bytes.", '',
+            'Accuracy of each option against the same path without it (relative error and '
+            'cosine of the directions):', '',
+            '| comparison | option | median relative error | median cosine | checks |',
+            '|---|---|---|---|---|']
+  for group, entries in payload['accuracy'].items():
+    for name, stats in entries.items():
+      lines.append(f"| {group.replace('_', ' ')} | {AMORTIZATION_NAMES.get(name, name)} | "
+                   f"{stats['median']:.3g} | {stats['median_cosine']:.3f} | {stats['count']} |")
+  lines += ['', f"![amortization]({_link(path.parent / 'amortization.png')})", '']
+  return lines
