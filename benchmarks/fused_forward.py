@@ -11,13 +11,17 @@ four jitted steps on the same batch:
 * ``two_pass``: ``value_and_grad``, then ``optax.chain(scale_by_kwng,
   clip_by_global_norm(1), sgd)`` with ``outputs_fn`` = the model (two traced
   forward passes);
-* ``fused``: :func:`kwng_jax.flax_utils.value_grad_and_outputs_fn`: one
-  ``jax.vjp``, g = vjp(∂loss/∂outputs), and a *replay* ``outputs_fn``
-  (``custom_vjp``) that hands the estimator the saved forward pass;
-* ``stacked``: a prototype of an estimator entry point that takes the
-  samples and the VJP function (not in kwng_jax yet): the cotangent of the
+* ``fused``: :func:`kwng_jax.flax_utils.value_grad_and_vjp`: one
+  ``jax.vjp``, g = vjp(∂loss/∂outputs), and the pair ``(samples, vjp_fn)``
+  passed to the update as ``samples_and_vjp=``, from which
+  :func:`kwng_jax.preconditioner_from_vjp` builds the preconditioner (M
+  vmapped VJPs, no second forward pass); the JSON of runs before kwng_jax
+  0.3 measured a ``custom_vjp`` replay of the forward pass here instead;
+* ``stacked``: a prototype beyond what kwng_jax offers: the cotangent of the
   loss is stacked with the M kernel cotangents, so g and the M rows of T come
-  from ONE vmapped backward pass of M + 1 cotangents, after one forward pass.
+  from ONE vmapped backward pass of M + 1 cotangents, after one forward pass
+  (assembled from the public :mod:`kwng_jax.factors`, :mod:`kwng_jax.kernels`
+  and :mod:`kwng_jax.solve`).
 
 For each step it reports the convolution and matrix-product ops of the
 lowered program (before XLA optimizes: what was traced) and of the compiled
@@ -52,13 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kwng_jax.examples import datasets
+import kwng_jax
 from kwng_jax import factors
 from kwng_jax import flax_utils
 from kwng_jax import kernels
-from kwng_jax.examples import models
 from kwng_jax import solve
-from kwng_jax._src import transform
+from kwng_jax.examples import datasets
+from kwng_jax.examples import models
 
 import common
 
@@ -96,11 +100,10 @@ def stacked_kwng_direction(
 ) -> tuple[PyTree, PyTree]:
   r"""g and the KWNG direction from one forward pass and one batched backward.
 
-  The prototype of ``build_preconditioner(samples=..., vjp_fn=...)``: the
-  published configuration (Gaussian kernel, mean-distance bandwidth,
+  The published configuration (Gaussian kernel, mean-distance bandwidth,
   'reference' damping, ridgeless) of :func:`kwng_jax.natural_gradient`, with
   the basis drawn from ``key`` as :func:`kwng_jax.scale_by_kwng` draws it,
-  and the fallback to g of :func:`kwng_jax._src.transform.safe_direction`.
+  and the fallback to g of :func:`kwng_jax.scale_by_kwng`.
 
   Returns:
     ``(grads, direction)``.
@@ -183,7 +186,7 @@ def make_steps(model: nnx.Module, images: jax.Array, labels: jax.Array, num_basi
     return loss_from_outputs(outputs_fn(p))
 
   kwng_tx = optax.chain(
-      transform.scale_by_kwng(num_basis, EPSILON, seed=SEED),
+      kwng_jax.scale_by_kwng(num_basis, EPSILON, seed=SEED),
       optax.clip_by_global_norm(1.0),
       optax.sgd(LEARNING_RATE),
   )
@@ -201,10 +204,11 @@ def make_steps(model: nnx.Module, images: jax.Array, labels: jax.Array, num_basi
     return optax.apply_updates(p, updates), state, updates
 
   def fused(p, state):
-    loss, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
+    loss, grads, samples_and_vjp = flax_utils.value_grad_and_vjp(
         loss_from_outputs, outputs_fn, p
     )
-    updates, state = kwng_tx.update(grads, state, p, outputs_fn=replay_fn, value=loss)
+    updates, state = kwng_tx.update(grads, state, p, samples_and_vjp=samples_and_vjp,
+                                    value=loss)
     return optax.apply_updates(p, updates), state, updates
 
   def stacked(p, state):

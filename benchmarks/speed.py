@@ -16,8 +16,8 @@ same chain with extra ``kwng_jax.published_kwng`` options. The default variants 
 three amortization options: ``update_every=10``, ``jacobian_samples=32`` (the
 step then also passes ``jacobian_outputs_fn``, the model on the first 32
 images, so that T costs 32 samples' VJPs) and ``jacobian_dtype=bfloat16``
-(with ``jacobian_outputs_fn`` the model on the whole batch, run in bf16). Its ``outputs_fn`` replays the loss's own
-forward pass (``flax_utils.value_grad_and_outputs_fn``); ``--forward
+(with ``jacobian_outputs_fn`` the model on the whole batch, run in bf16). KWNG reuses the loss's own
+forward pass (``flax_utils.value_grad_and_vjp``, passed as ``samples_and_vjp=``); ``--forward
 separate`` lets it recompute the logits instead.
 
 Timing: each step is compiled ahead of time (``lower().compile()``, timed
@@ -137,8 +137,9 @@ def optimizers(num_basis: Sequence[int], variants: Sequence[str],
 
   Each comes with the images its ``jacobian_outputs_fn`` runs on (a slice of
   the batch; None: no such function): the first n with
-  ``jacobian_samples=n``, all of them with ``jacobian_dtype`` (the replayed
-  forward pass of ``outputs_fn`` cannot run in another dtype).
+  ``jacobian_samples=n``, all of them with ``jacobian_dtype`` (those options
+  run their own VJPs, so the step passes ``outputs_fn``, not the loss's
+  forward pass).
   """
   out = {'SGD': (optax.sgd(0.1), None), 'Adam': (optax.adam(1e-3), None)}
   for text in ('', *variants):
@@ -178,8 +179,9 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     if fused:
-      (loss, new_rest), grads, outputs_fn = flax_utils.value_grad_and_outputs_fn(
+      (loss, new_rest), grads, samples_and_vjp = flax_utils.value_grad_and_vjp(
           loss_from_logits, forward, params, has_aux=True)
+      forward_pass = {'samples_and_vjp': samples_and_vjp}
     else:
       def loss_fn(p):
         logits, new_rest = forward(p)
@@ -187,14 +189,13 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
       (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-      def outputs_fn(p):
-        return forward(p)[0]
+      forward_pass = {'outputs_fn': lambda p: forward(p)[0]}
 
-    extra = {}
     if jacobian_batch is not None:
-      extra['jacobian_outputs_fn'] = lambda p: forward(p, images[jacobian_batch])[0]
-    updates, opt_state = tx.update(grads, opt_state, params, outputs_fn=outputs_fn, value=loss,
-                                   **extra)
+      # jacobian_samples and jacobian_dtype run their own VJPs from outputs_fn.
+      forward_pass = {'outputs_fn': lambda p: forward(p)[0],
+                      'jacobian_outputs_fn': lambda p: forward(p, images[jacobian_batch])[0]}
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss, **forward_pass)
     return (optax.apply_updates(params, updates), new_rest, opt_state), loss
 
   return step
@@ -352,7 +353,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            '"jacobian_samples=32" (repeatable; comma-separated KEY=VALUE; '
                            f'default {DEFAULT_VARIANTS}, "" for none).')
   parser.add_argument('--forward', choices=('fused', 'separate'), default='fused',
-                      help="KWNG's outputs_fn: replay the loss's forward pass, or rerun it.")
+                      help="KWNG's outputs_fn: reuse the loss's forward pass (samples_and_vjp), or rerun it.")
   parser.add_argument('--steps', type=int, default=20, help='timed steps per round.')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=3)

@@ -18,6 +18,7 @@ from kwng_jax import kernels
 from kwng_jax import solve
 from kwng_jax._src.adaptive_epsilon import adaptive_damping
 from kwng_jax._src.adaptive_epsilon import AdaptiveDampingState
+from kwng_jax._src.clipping import clip_by_global_norm
 from kwng_jax._src.alias import kwng
 from kwng_jax._src.alias import published_kwng
 from kwng_jax._src.displacement import sample_displacement
@@ -25,10 +26,10 @@ from kwng_jax._src.displacement import scale_by_displacement
 from kwng_jax._src.displacement import ScaleByDisplacementState
 from kwng_jax._src.estimator import apply_preconditioner
 from kwng_jax._src.estimator import build_preconditioner
-from kwng_jax._src.estimator import KWNGInfo
 from kwng_jax._src.estimator import natural_gradient
-from kwng_jax._src.estimator import Preconditioner
-from kwng_jax._src.transform import clip_by_global_norm
+from kwng_jax._src.from_vjp import preconditioner_from_vjp
+from kwng_jax._src.preconditioner import KWNGInfo
+from kwng_jax._src.preconditioner import Preconditioner
 from kwng_jax._src.transform import scale_by_kwng
 from kwng_jax._src.transform import ScaleByKWNGState
 
@@ -49,6 +50,7 @@ __all__ = [
     'kernels',
     'kwng',
     'natural_gradient',
+    'preconditioner_from_vjp',
     'published_kwng',
     'sample_displacement',
     'scale_by_displacement',

@@ -63,15 +63,16 @@ def _kwng_train_step(fused):
   @nnx.jit
   def step(model, optimizer, inputs, labels):
     if fused:
-      loss, grads, outputs_fn = flax_utils.nnx_value_grad_and_outputs_fn(
+      loss, grads, samples_and_vjp = flax_utils.nnx_value_grad_and_vjp(
           lambda logits: _cross_entropy(logits, labels), model, inputs
       )
+      forward = {'samples_and_vjp': samples_and_vjp}
     else:
-      outputs_fn = flax_utils.nnx_outputs_fn(model, inputs)
+      forward = {'outputs_fn': flax_utils.nnx_outputs_fn(model, inputs)}
       loss, grads = nnx.value_and_grad(
           lambda m: _cross_entropy(m(inputs), labels)
       )(model)
-    optimizer.update(model, grads, outputs_fn=outputs_fn, value=loss)
+    optimizer.update(model, grads, value=loss, **forward)
     return loss
 
   return step
@@ -197,11 +198,14 @@ def test_dropout_snapshot_replays_the_loss_forward_pass():
   assert not np.array_equal(model(inputs), logits)  # the RNG stream moved on
 
 
-def test_value_grad_and_outputs_fn_matches_two_pass_update(mlp_problem):
+@pytest.mark.parametrize('make_tx', [lambda: kwng_jax.published_kwng(0.1), kwng_jax.kwng])
+def test_value_grad_and_vjp_matches_two_pass_update(mlp_problem, make_tx):
+  """One forward pass gives the update of two: the preconditioner from the
+  VJP, and (kwng) the displacement from its transpose."""
   params, outputs_fn, loss_fn = mlp_problem
   targets = jax.random.normal(jax.random.key(3), (32, 4))
   loss_from_outputs = lambda out: jnp.mean(jnp.square(out - targets))  # noqa: E731
-  tx = kwng_jax.published_kwng(0.1)
+  tx = make_tx()
   state = tx.init(params)
 
   @jax.jit
@@ -214,10 +218,11 @@ def test_value_grad_and_outputs_fn_matches_two_pass_update(mlp_problem):
 
   @jax.jit
   def fused(params, state):
-    loss, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
+    loss, grads, samples_and_vjp = flax_utils.value_grad_and_vjp(
         loss_from_outputs, outputs_fn, params
     )
-    updates, _ = tx.update(grads, state, params, outputs_fn=replay_fn, value=loss)
+    updates, _ = tx.update(grads, state, params, samples_and_vjp=samples_and_vjp,
+                           value=loss)
     return loss, grads, updates
 
   for x, y in zip(jax.tree.leaves(two_pass(params, state)),
@@ -225,38 +230,44 @@ def test_value_grad_and_outputs_fn_matches_two_pass_update(mlp_problem):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-def test_replay_outputs_fn_takes_the_structure_of_its_params():
+def test_samples_and_vjp_takes_the_structure_of_the_params():
   model = nnx.Linear(3, 2, rngs=_rngs())
   inputs = jnp.ones((5, 3))
   graphdef, params = nnx.split(model, nnx.Param)
   pure = nnx.as_pure(params)
-  samples, vjp_fn = jax.vjp(lambda p: nnx.merge(graphdef, p)(inputs), pure)
-  replay = flax_utils.replay_outputs_fn(samples, vjp_fn)
-  cotangent = jnp.ones_like(samples)
-  (expected,) = vjp_fn(cotangent)
-  _, replay_vjp = jax.vjp(replay, params)  # Variable-wrapped this time
-  (got,) = replay_vjp(cotangent)
-  assert jax.tree.structure(got) == jax.tree.structure(params)
-  _assert_trees_equal(got, expected)
-  with pytest.raises(ValueError, match='called with params of 1 leaves'):
-    jax.vjp(replay, {'only': jnp.ones(3)})[1](cotangent)
+  samples_and_vjp = jax.vjp(lambda p: nnx.merge(graphdef, p)(inputs), pure)
+  tx = kwng_jax.scale_by_kwng(num_basis=3)
+  grads = jax.tree.map(jnp.ones_like, params)  # Variable-wrapped
+  updates, _ = tx.update(grads, tx.init(params), params, samples_and_vjp=samples_and_vjp)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match='returns 2 leaves for params of 1'):
+    tx.update({'only': jnp.ones(3)}, tx.init({'only': jnp.ones(3)}), {'only': jnp.ones(3)},
+              samples_and_vjp=samples_and_vjp)
+  with pytest.raises(ValueError, match='samples_and_vjp must be the pair'):
+    tx.update(grads, tx.init(params), params, samples_and_vjp=samples_and_vjp[0])
 
 
-def test_replayed_forward_pass_refuses_jacobian_dtype(mlp_problem):
-  """A replay differentiates the recorded float32 pass: with bf16 VJPs
-  (jacobian_dtype) it must not pass silently for one."""
+def test_samples_and_vjp_refuses_the_options_that_run_their_own_vjps(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
-  del loss_fn
   tx = kwng_jax.scale_by_kwng(num_basis=4, jacobian_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match='not samples_and_vjp'):
+    tx.update(jax.grad(loss_fn)(params), tx.init(params), params,
+              samples_and_vjp=jax.vjp(outputs_fn, params))
+
+
+def test_the_replay_api_is_deprecated_and_still_works(mlp_problem):
+  params, outputs_fn, _ = mlp_problem
   loss_from_outputs = lambda out: jnp.mean(jnp.square(out))  # noqa: E731
-  _, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
-      loss_from_outputs, outputs_fn, params)
-  with pytest.raises(ValueError, match='pass jacobian_outputs_fn'):
-    tx.update(grads, tx.init(params), params, outputs_fn=replay_fn)
-  # With the model run in bf16 for the VJPs, the update goes through.
-  updates, _ = tx.update(grads, tx.init(params), params, outputs_fn=replay_fn,
-                         jacobian_outputs_fn=outputs_fn)
-  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  with pytest.warns(DeprecationWarning, match='value_grad_and_vjp'):
+    loss, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
+        loss_from_outputs, outputs_fn, params)
+  tx = kwng_jax.published_kwng(0.1)
+  replayed, _ = tx.update(grads, tx.init(params), params, outputs_fn=replay_fn, value=loss)
+  direct, _ = tx.update(grads, tx.init(params), params, outputs_fn=outputs_fn, value=loss)
+  for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(direct), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  with pytest.warns(DeprecationWarning, match='replay_outputs_fn'):
+    flax_utils.replay_outputs_fn(*jax.vjp(outputs_fn, params))
 
 
 class LinenNet(linen.Module):

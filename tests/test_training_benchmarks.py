@@ -225,7 +225,7 @@ def test_speed_step_with_a_kwng_variant_is_the_published_chain(bench):
   step = jax.jit(speed.make_step(graphdef, tx, fused=True, jacobian_batch=slice(None, 16)))
   # Without jacobian_outputs_fn the VJPs run on the whole batch, with the same
   # numbers: the MLP's first 16 logits do not depend on the other samples.
-  whole_batch = jax.jit(speed.make_step(graphdef, tx, fused=True))
+  whole_batch = jax.jit(speed.make_step(graphdef, tx, fused=False))
   state = (params, rest, tx.init(params))
   for _ in range(3):
     new_state, loss = step(state, images, labels)

@@ -6,9 +6,10 @@ from typing import Any
 
 import optax
 
-from kwng_jax._src import adaptive_epsilon
-from kwng_jax._src import displacement
 from kwng_jax import kernels as kernels_lib
+from kwng_jax._src import adaptive_epsilon
+from kwng_jax._src import clipping
+from kwng_jax._src import displacement
 from kwng_jax._src import options
 from kwng_jax._src import transform
 
@@ -225,7 +226,7 @@ def published_kwng(
       )
   ]
   if max_norm is not None:
-    steps.append(transform.clip_by_global_norm(max_norm))
+    steps.append(clipping.clip_by_global_norm(max_norm))
   steps.append(optax.scale_by_learning_rate(learning_rate))
   chain = optax.chain(*steps)
   return adaptive_epsilon.adaptive_damping(chain) if adaptive else chain

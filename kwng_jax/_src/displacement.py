@@ -69,6 +69,19 @@ def sample_displacement(
     ...     outputs_fn, {'w': jnp.ones(())}, {'w': jnp.full((), 2.0)}))
     3.1622...
   """
+  def move(tangent: PyTree) -> jax.Array:
+    with outputs_lib.explained_errors():
+      samples, moved = jax.jvp(outputs_fn, (params,), (tangent,))
+    outputs_lib.as_samples(samples)
+    return moved
+
+  return displacement_along(move, params, updates)
+
+
+def displacement_along(
+    move: Callable[[PyTree], jax.Array], params: PyTree, updates: PyTree
+) -> jax.Array:
+  """:math:`\Delta(u)` given ``move``, the linear map :math:`u \mapsto J u`."""
   # The tangent is u over its largest entry, so that the product J u can
   # neither overflow nor underflow in the params' dtype (float16); the
   # factor is put back in at least float32.
@@ -82,10 +95,7 @@ def sample_displacement(
           jnp.asarray(p).dtype),
       updates, params,
   )
-  with outputs_lib.explained_errors():
-    samples, moved = jax.jvp(outputs_fn, (params,), (tangent,))
-  outputs_lib.as_samples(samples)
-  moved = jnp.asarray(moved)
+  moved = jnp.asarray(move(tangent))
   dtype = solve.at_least_float32(moved.dtype, dtype)
   moved = moved.astype(dtype).reshape(moved.shape[0], -1)
   # Scaled by the largest entry first, so that squaring neither overflows
@@ -178,18 +188,29 @@ def scale_by_displacement(
 
   def update_fn(
       updates, state, params=None, *, outputs_fn=None, full_params=None,
-      **extra_args,
+      samples_and_vjp=None, **extra_args,
   ):
     del state, extra_args
-    if outputs_fn is None or params is None:
+    if (outputs_fn is None and samples_and_vjp is None) or params is None:
       raise ValueError(
           'scale_by_displacement needs params and the keyword outputs_fn: '
-          'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)).'
+          'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)) '
+          '(or samples_and_vjp=jax.vjp(outputs_fn, params)).'
       )
-    outputs_fn = outputs_lib.unmasked_outputs_fn(
-        outputs_fn, params, full_params, 'scale_by_displacement'
-    )
-    displacement = sample_displacement(outputs_fn, params, updates)
+    if samples_and_vjp is not None:
+      samples, vjp_fn = outputs_lib.check_samples_and_vjp(
+          samples_and_vjp, params, 'scale_by_displacement'
+      )
+      # J u is the transpose of the VJP u* -> J^T u*, which is linear.
+      transposed = jax.linear_transpose(vjp_fn, samples)
+      displacement = displacement_along(
+          lambda tangent: transposed((tangent,))[0], params, updates
+      )
+    else:
+      outputs_fn = outputs_lib.unmasked_outputs_fn(
+          outputs_fn, params, full_params, 'scale_by_displacement'
+      )
+      displacement = sample_displacement(outputs_fn, params, updates)
     radius = jnp.asarray(max_displacement).astype(displacement.dtype)
     moves = displacement > 0
     ratio = radius / jnp.where(moves, displacement, 1.0)

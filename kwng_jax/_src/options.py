@@ -13,8 +13,9 @@ computation instead, and the update is zero and flagged
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,45 @@ import numpy as np
 
 #: The bandwidth rules (see :func:`kwng_jax.kernels.select_bandwidth`).
 BANDWIDTH_RULES = ('mean_distance', 'median')
+
+Damping = Literal['reference', 'safe', 'squared', 'identity']
+BandwidthRule = Literal['mean_distance', 'median']
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EstimatorOptions:
+  """The options of the KWNG estimator, validated once when built.
+
+  The public entry points (:func:`kwng_jax.kwng`,
+  :func:`kwng_jax.scale_by_kwng`, :func:`kwng_jax.build_preconditioner`,
+  :func:`kwng_jax.preconditioner_from_vjp`, :func:`kwng_jax.natural_gradient`)
+  take these as flat keyword arguments, build one ``EstimatorOptions`` and
+  pass it inward; their docstrings say what each option means. Numeric
+  options may be traced (``optax.inject_hyperparams``): those are checked
+  inside the computation (:func:`traced_options_valid`).
+  """
+
+  num_basis: int = 5
+  kernel: Any = 'gaussian'
+  bandwidth: BandwidthRule | float | Any = 'mean_distance'
+  log_bandwidth: float | Any = 0.0
+  damping: Damping = 'reference'
+  ridge: float | Any = 0.0
+  rcond: float | None = None
+  jacobian_samples: int | None = None
+  jacobian_dtype: Any = None
+
+  def __post_init__(self):
+    check_estimator_options(
+        **{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+    )
+
+  def traced_valid(self) -> jax.Array:
+    """Whether the numeric options, traced or not, are in range (a bool scalar)."""
+    return traced_options_valid(
+        bandwidth=self.bandwidth, log_bandwidth=self.log_bandwidth,
+        ridge=self.ridge, rcond=self.rcond,
+    )
 
 
 def is_traced(value: Any) -> bool:

@@ -93,6 +93,48 @@ def unmasked_outputs_fn(
   return outputs_of_unmasked
 
 
+def check_samples_and_vjp(
+    samples_and_vjp: Any, params: PyTree, who: str
+) -> tuple[jax.Array, Callable[[jax.Array], tuple[PyTree]]]:
+  """Checks ``samples_and_vjp=jax.vjp(outputs_fn, params)``; returns its parts.
+
+  The VJP's cotangents are given the structure of ``params`` (the pytree
+  the optimizer was given may wrap the same leaves differently, e.g. the
+  ``Variable`` wrappers of an NNX state).
+
+  Raises:
+    ValueError: for anything but a pair ``(samples, vjp_fn)`` whose VJP
+      returns one leaf per leaf of ``params``, or inside ``optax.masked``.
+  """
+  if not (isinstance(samples_and_vjp, tuple) and len(samples_and_vjp) == 2
+          and callable(samples_and_vjp[1])):
+    raise ValueError(
+        'samples_and_vjp must be the pair jax.vjp(outputs_fn, params) '
+        f'returns, (samples, vjp_fn); got {type(samples_and_vjp).__name__}.'
+    )
+  if has_masked_leaves(params):
+    raise ValueError(
+        f'{who} inside optax.masked or optax.multi_transform cannot use '
+        'samples_and_vjp (its VJP covers all the params): pass outputs_fn '
+        'and full_params=params instead.'
+    )
+  samples, vjp_fn = samples_and_vjp
+  samples = as_samples(samples)
+  treedef = jax.tree.structure(params)
+
+  def vjp_like_params(cotangent: jax.Array) -> tuple[PyTree]:
+    leaves = jax.tree.leaves(vjp_fn(cotangent))
+    if len(leaves) != treedef.num_leaves:
+      raise ValueError(
+          f'The vjp_fn of samples_and_vjp returns {len(leaves)} leaves for '
+          f'params of {treedef.num_leaves}: it must be the VJP of the outputs '
+          'at the params given to the update.'
+      )
+    return (jax.tree.unflatten(treedef, leaves),)
+
+  return samples, vjp_like_params
+
+
 def check_params(params: PyTree) -> None:
   """Raises a ValueError unless ``params`` is a non-empty pytree of float arrays."""
   if params is None:

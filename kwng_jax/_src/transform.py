@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from kwng_jax._src import estimator
+from kwng_jax._src import from_vjp
 from kwng_jax import kernels as kernels_lib
 from kwng_jax._src import options
 from kwng_jax._src import outputs as outputs_lib
 from kwng_jax._src import sharding
-from kwng_jax import solve
+from kwng_jax._src.preconditioner import KWNGInfo
+from kwng_jax._src.preconditioner import Preconditioner
 
 PyTree = Any
 
@@ -46,8 +48,8 @@ class ScaleByKWNGState(NamedTuple):
       there.
     kwng_info: the :class:`kwng_jax.KWNGInfo` diagnostics of the last update.
     kwng_preconditioner: with ``update_every > 1``, the
-      :class:`kwng_jax.Preconditioner` (:math:`\tilde T`, D,
-      :math:`\tilde T D \tilde T^\top`) reused between rebuilds; its
+      :class:`kwng_jax.Preconditioner` (:math:`\\tilde T`, D,
+      :math:`\\tilde T D \\tilde T^\\top`) reused between rebuilds; its
       ``finite_samples`` is False until the first build. None (no leaves)
       with ``update_every=1``, so the default state stays a few scalars.
   """
@@ -55,8 +57,8 @@ class ScaleByKWNGState(NamedTuple):
   kwng_count: jax.Array
   kwng_epsilon: jax.Array
   kwng_epsilon_setting: jax.Array
-  kwng_info: estimator.KWNGInfo
-  kwng_preconditioner: estimator.Preconditioner | None = None
+  kwng_info: KWNGInfo
+  kwng_preconditioner: Preconditioner | None = None
 
 
 def scale_by_kwng(
@@ -136,7 +138,7 @@ def scale_by_kwng(
     (``outputs_fn`` must compute in its params' dtype); the samples, the
     kernel, the whitening and the M×M solve stay in at least float32.
 
-  Their measured accuracy cost and speed gain are in the README (produced
+  Their measured accuracy cost and speed gain are in the documentation (produced
   by ``benchmarks/amortization.py``).
 
   Args:
@@ -180,7 +182,7 @@ def scale_by_kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
-  options.check_estimator_options(
+  opts = options.EstimatorOptions(
       num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
       log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
       jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
@@ -197,12 +199,12 @@ def scale_by_kwng(
     outputs_lib.check_params(params)
     stored = None
     if update_every > 1:
-      stored = estimator.Preconditioner.empty(params, num_basis, damping)
+      stored = Preconditioner.empty(params, num_basis, damping)
     return ScaleByKWNGState(
         kwng_count=jnp.zeros((), jnp.int32),
         kwng_epsilon=jnp.asarray(epsilon, jnp.float32),
         kwng_epsilon_setting=jnp.asarray(epsilon, jnp.float32),
-        kwng_info=estimator.KWNGInfo.empty(),
+        kwng_info=KWNGInfo.empty(),
         kwng_preconditioner=stored,
     )
 
@@ -214,24 +216,37 @@ def scale_by_kwng(
       outputs_fn=None,
       jacobian_outputs_fn=None,
       full_params=None,
+      samples_and_vjp=None,
       **extra_args,
   ):
     del extra_args
-    if outputs_fn is None:
+    if outputs_fn is None and samples_and_vjp is None:
       raise ValueError(
           'scale_by_kwng needs the keyword outputs_fn: '
           'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)), '
-          'a function params -> samples of shape (N, ...). '
+          'a function params -> samples of shape (N, ...) (or samples_and_vjp='
+          'jax.vjp(outputs_fn, params), a forward pass already run). '
           + MISSING_EXTRA_ARGS_HINT
       )
     outputs_lib.check_params(params)
-    outputs_fn = outputs_lib.unmasked_outputs_fn(
-        outputs_fn, params, full_params, 'scale_by_kwng'
-    )
-    if jacobian_outputs_fn is not None:
-      jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
-          jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
+    if samples_and_vjp is not None:
+      if jacobian_samples is not None or jacobian_dtype is not None:
+        raise ValueError(
+            'jacobian_samples and jacobian_dtype run their own VJPs: pass '
+            'outputs_fn (and jacobian_outputs_fn), not samples_and_vjp, whose '
+            'VJP is that of the whole batch in the params\' dtype.'
+        )
+      samples, vjp_fn = outputs_lib.check_samples_and_vjp(
+          samples_and_vjp, params, 'scale_by_kwng'
       )
+    else:
+      outputs_fn = outputs_lib.unmasked_outputs_fn(
+          outputs_fn, params, full_params, 'scale_by_kwng'
+      )
+      if jacobian_outputs_fn is not None:
+        jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
+            jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
+        )
     # A changed setting (inject_hyperparams) overrides the current epsilon.
     setting = jnp.asarray(epsilon, jnp.float32)
     current_epsilon = jnp.where(
@@ -242,19 +257,10 @@ def scale_by_kwng(
       # The key is derived inside, so that steps reusing stored factors skip
       # the hash too.
       key = jax.random.fold_in(jax.random.key(seed), state.kwng_count)
-      return estimator.build_preconditioner(
-          outputs_fn,
-          params,
-          key=key,
-          num_basis=num_basis,
-          kernel=kernel,
-          bandwidth=bandwidth,
-          log_bandwidth=log_bandwidth,
-          damping=damping,
-          ridge=ridge,
-          rcond=rcond,
-          jacobian_samples=jacobian_samples,
-          jacobian_dtype=jacobian_dtype,
+      if samples_and_vjp is not None:
+        return from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key)
+      return estimator.build(
+          outputs_fn, params, opts, key=key,
           jacobian_outputs_fn=jacobian_outputs_fn,
       )
 
@@ -262,7 +268,12 @@ def scale_by_kwng(
     if stored is None:
       preconditioner = build()
     else:
-      _warn_if_convolutions_on_cpu(jacobian_outputs_fn or outputs_fn, params)
+      if samples_and_vjp is not None:
+        _warn_if_convolutions_on_cpu(vjp_fn, samples)
+      else:
+        _warn_if_convolutions_on_cpu(
+            _backward_pass(jacobian_outputs_fn or outputs_fn), params
+        )
       stored = _pin_shardings(stored, params)
       # A placeholder, or factors built from non-finite samples, are rebuilt.
       rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
@@ -296,25 +307,29 @@ MISSING_EXTRA_ARGS_HINT = (
 )
 
 
-def _warn_if_convolutions_on_cpu(outputs_fn, params) -> None:
+def _backward_pass(outputs_fn):
+  """``params -> VJP of outputs_fn at params``: what a rebuild runs."""
+
+  def backward(params):
+    outputs, vjp_fn = jax.vjp(outputs_fn, params)
+    return vjp_fn(outputs)
+
+  return backward
+
+
+def _warn_if_convolutions_on_cpu(backward, example) -> None:
   """Warns, at trace time, of XLA:CPU's slow convolutions inside ``lax.cond``.
 
   The rebuild of ``update_every`` runs under ``lax.cond``; XLA:CPU gives the
   convolutions of a conditional branch a generic loop (jax-ml/jax#12868),
   which made the digits CNN's rebuild ~10x slower than outside the branch.
-  ``outputs_fn`` is the function the rebuild differentiates. Its VJP is
-  traced once more for this check, on CPU only.
+  ``backward`` is the backward pass the rebuild runs (a VJP function, or
+  :func:`_backward_pass` of ``outputs_fn``); it is traced once more, on its
+  ``example`` argument, for this check, on CPU only.
   """
   if jax.default_backend() != 'cpu':
     return
-
-  def backward(p):
-    # The VJP is what the rebuild runs (a replayed forward pass holds its
-    # convolutions in the backward rule only).
-    outputs, vjp_fn = jax.vjp(outputs_fn, p)
-    return vjp_fn(outputs)
-
-  if _has_convolution(jax.make_jaxpr(backward)(params).jaxpr):
+  if _has_convolution(jax.make_jaxpr(backward)(example).jaxpr):
     warnings.warn(
         'scale_by_kwng(update_every > 1) on CPU with a convolutional model: '
         'XLA:CPU runs convolutions inside lax.cond (the rebuild) much slower '
@@ -339,16 +354,16 @@ def _has_convolution(jaxpr) -> bool:
 
 
 def _cast_like(
-    preconditioner: estimator.Preconditioner, stored: estimator.Preconditioner
-) -> estimator.Preconditioner:
+    preconditioner: Preconditioner, stored: Preconditioner
+) -> Preconditioner:
   # Both branches of the lax.cond must have one type; the dtypes already
   # agree for the default dtypes, this holds them to it (x64 toggled, say).
   return jax.tree.map(lambda x, s: x.astype(s.dtype), preconditioner, stored)
 
 
 def _pin_shardings(
-    preconditioner: estimator.Preconditioner, params: PyTree
-) -> estimator.Preconditioner:
+    preconditioner: Preconditioner, params: PyTree
+) -> Preconditioner:
   """Gives stored and fresh factors the sharding of the params (explicit mesh)."""
   return preconditioner._replace(
       whitened=sharding.with_leading_axis(preconditioner.whitened, params),
@@ -359,7 +374,7 @@ def _pin_shardings(
 
 
 def safe_direction(
-    grads: PyTree, direction: PyTree, info: estimator.KWNGInfo
+    grads: PyTree, direction: PyTree, info: KWNGInfo
 ) -> PyTree:
   r"""The published safety net around :math:`\hat g`.
 
@@ -376,44 +391,3 @@ def safe_direction(
 
   return jax.tree.map(select, grads, direction)
 
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  r"""Scales updates down to global norm ``max_norm``, computed without overflow.
-
-  Like ``optax.clip_by_global_norm``, but the norm is accumulated in at
-  least float32 after dividing by the largest entry, and the scaling is
-  applied in at least float32. In float16, the KWNG direction (norms of
-  1e3–1e4) squared overflows; so does a float32 loss scaled by 1e15. With
-  ``optax.clip_by_global_norm`` both give a zero update.
-
-  Args:
-    max_norm: the largest global norm of an update, > 0.
-
-  Returns:
-    An ``optax.GradientTransformation`` (stateless).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from kwng_jax._src import transform
-    >>> clip = transform.clip_by_global_norm(1.0)
-    >>> updates, _ = clip.update({'w': jnp.full(4, 1e4, jnp.float16)}, clip.init(None))
-    >>> updates['w'].tolist()
-    [0.5, 0.5, 0.5, 0.5]
-  """
-  options.check_positive('max_norm', max_norm)
-
-  def update_fn(updates, state, params=None):
-    del params
-    leaves = jax.tree.leaves(updates)
-    dtype = solve.at_least_float32(*(u.dtype for u in leaves))
-    largest = jnp.max(jnp.stack(
-        [jnp.max(jnp.abs(u), initial=0).astype(dtype) for u in leaves]))
-    safe_largest = jnp.where(largest > 0, largest, 1.0)
-    norm = safe_largest * jnp.sqrt(sum(
-        jnp.sum(jnp.square(u.astype(dtype) / safe_largest)) for u in leaves))
-    scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
-    updates = jax.tree.map(
-        lambda u: (u.astype(dtype) * scale).astype(u.dtype), updates)
-    return updates, state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

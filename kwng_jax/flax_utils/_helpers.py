@@ -1,28 +1,4 @@
-r"""Training Flax models with KWNG: NNX optimizers, Linen train states, fused steps.
-
-KWNG's update needs, besides the gradient, ``outputs_fn``: a function
-``params -> samples`` (a classifier's logits on the batch) that it
-differentiates once with ``jax.vjp``. This module builds that function for
-Flax models and threads it through Flax's training APIs:
-
-* NNX: ``nnx.Optimizer(model, kwng_jax.kwng(...), wrt=nnx.Param)`` works as
-  is, since ``Optimizer.update(model, grads, **kwargs)`` forwards its keyword
-  arguments to the Optax update; :func:`nnx_outputs_fn` builds
-  ``outputs_fn`` in one line. It runs the model on a copy of its state, so
-  BatchNorm statistics (and RNG counters) are never updated twice.
-* Linen: ``TrainState.apply_gradients`` forwards nothing to ``tx.update``;
-  :class:`KWNGTrainState` does.
-* One forward pass instead of two: :func:`value_grad_and_outputs_fn` and
-  :func:`nnx_value_grad_and_outputs_fn` compute the loss, its gradient and a
-  *replay* ``outputs_fn`` from a single ``jax.vjp``. Under ``jax.jit``, XLA
-  usually merges the two identical forward passes anyway (common
-  subexpression elimination; ``benchmarks/fused_forward.py`` measures it);
-  the fused form guarantees it, and also holds eagerly and for stochastic
-  forward passes.
-
-Needs Flax (``pip install "kwng_jax[flax]"``); ``import kwng_jax`` does not
-import this module.
-"""
+"""The Flax helpers; import them from :mod:`kwng_jax.flax_utils`."""
 
 from __future__ import annotations
 
@@ -102,101 +78,23 @@ def nnx_outputs_fn(
   return outputs_fn
 
 
-def replay_outputs_fn(
-    samples: jax.Array, vjp_fn: Callable[[jax.Array], tuple[PyTree]]
-) -> Callable[[PyTree], jax.Array]:
-  """An ``outputs_fn`` that replays a forward pass already differentiated.
-
-  ``outputs_fn(params)`` returns ``samples`` and back-propagates through
-  ``vjp_fn``, the pair ``jax.vjp(f, params)`` returned: KWNG then reuses that
-  forward pass instead of running ``f`` again. It is valid only at the
-  ``params`` the pair was computed at, which is where an optimizer update
-  evaluates it.
-
-  Args:
-    samples: ``f(params)``.
-    vjp_fn: the VJP function of ``f`` at ``params``.
-
-  Returns:
-    ``outputs_fn(params) -> samples`` whose VJP is ``vjp_fn``; its cotangents
-    take the pytree structure of the ``params`` it is called with (so the
-    ``Variable`` wrappers of an NNX state may differ), with the same leaves.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from kwng_jax import flax_utils
-    >>> f = lambda p: jnp.tanh(p['w'])
-    >>> params = {'w': jnp.arange(3.0)}
-    >>> samples, vjp_fn = jax.vjp(f, params)
-    >>> replay = flax_utils.replay_outputs_fn(samples, vjp_fn)
-    >>> bool(jnp.allclose(jax.grad(lambda p: replay(p).sum())(params)['w'],
-    ...                   jax.grad(lambda p: f(p).sum())(params)['w']))
-    True
-  """
-
-  def outputs_fn(params: PyTree) -> jax.Array:
-    treedef = jax.tree.structure(params)
-
-    @jax.custom_vjp
-    def replay(params_):
-      del params_
-      return samples
-
-    def replay_fwd(params_):
-      del params_
-      return samples, None
-
-    def replay_bwd(residuals, cotangent):
-      del residuals
-      (param_cotangent,) = vjp_fn(cotangent)
-      leaves = jax.tree.leaves(param_cotangent)
-      if len(leaves) != treedef.num_leaves:
-        raise ValueError(
-            'replay_outputs_fn was called with params of '
-            f'{treedef.num_leaves} leaves, but its vjp_fn returns '
-            f'{len(leaves)}: call it with the params the forward pass was '
-            'differentiated at.'
-        )
-      called = [x.dtype for x in jax.tree.leaves(params)]
-      replayed = [x.dtype for x in leaves]
-      if called != replayed:
-        # KWNG's jacobian_dtype casts the params: a replay would silently
-        # differentiate the recorded float32 pass instead.
-        raise ValueError(
-            'replay_outputs_fn replays a forward pass recorded with params of '
-            f'dtypes {sorted(set(map(str, replayed)))}; it was called with '
-            f'{sorted(set(map(str, called)))}. With jacobian_dtype, pass '
-            'jacobian_outputs_fn=lambda p: model(p, x), a function that runs '
-            'the model in the dtype of its params.'
-        )
-      return (jax.tree.unflatten(treedef, leaves),)
-
-    replay.defvjp(replay_fwd, replay_bwd)
-    return replay(params)
-
-  return outputs_fn
-
-
-def value_grad_and_outputs_fn(
+def value_grad_and_vjp(
     loss_from_outputs: Callable[[jax.Array], jax.Array],
     outputs_fn: Callable[[PyTree], Any],
     params: PyTree,
     *,
     has_aux: bool = False,
-) -> tuple[Any, PyTree, Callable[[PyTree], jax.Array]]:
-  r"""The loss, its gradient and KWNG's ``outputs_fn`` from one forward pass.
+) -> tuple[Any, PyTree, tuple[jax.Array, Callable[[jax.Array], tuple[PyTree]]]]:
+  r"""The loss, its gradient and the forward pass KWNG needs, from one ``jax.vjp``.
 
   With :math:`X = f(\theta)` (``outputs_fn``) and :math:`L = \ell(X)`
   (``loss_from_outputs``), runs ``jax.vjp`` of :math:`f` once and returns
-  :math:`L`, :math:`\nabla_\theta L = J_f^\top \nabla_X \ell` and
-  :func:`replay_outputs_fn` of that VJP: an optimizer update with it
-  differentiates the samples without a second forward pass.
-
-  The replay supports reverse-mode differentiation only: use it with an
-  optimizer that differentiates ``outputs_fn`` by ``jax.vjp`` alone, such as
-  :func:`kwng_jax.published_kwng` or a chain of :func:`kwng_jax.scale_by_kwng`
-  without :func:`kwng_jax.scale_by_displacement`. :func:`kwng_jax.kwng` also
-  takes a ``jax.jvp`` of ``outputs_fn``; give it a plain ``outputs_fn``.
+  :math:`L`, :math:`\nabla_\theta L = J_f^\top \nabla_X \ell` and the pair
+  ``(samples, vjp_fn)``. Pass it to the update as ``samples_and_vjp=``:
+  KWNG then builds its preconditioner from this forward pass
+  (:func:`kwng_jax.preconditioner_from_vjp`) instead of running the model
+  again, and :func:`kwng_jax.scale_by_displacement` gets :math:`J u` by
+  transposing ``vjp_fn``.
 
   Args:
     loss_from_outputs: ``samples -> scalar loss`` (the labels closed over).
@@ -206,23 +104,25 @@ def value_grad_and_outputs_fn(
     has_aux: whether ``outputs_fn`` returns an auxiliary output.
 
   Returns:
-    ``(loss, grads, replay_fn)``; with ``has_aux``, ``((loss, aux), grads,
-    replay_fn)``.
+    ``(loss, grads, (samples, vjp_fn))``; with ``has_aux``, ``((loss, aux),
+    grads, (samples, vjp_fn))``.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, optax
     >>> import kwng_jax
     >>> from kwng_jax import flax_utils
     >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> y = (x[:, 0] > 0).astype(jnp.int32)
     >>> outputs_fn = lambda p: x @ p
-    >>> loss_from_outputs = lambda out: jnp.mean((out - 1.0) ** 2)
-    >>> opt = kwng_jax.published_kwng(learning_rate=0.5)
+    >>> loss_from_outputs = lambda logits: (
+    ...     optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    >>> opt = kwng_jax.kwng()
     >>> @jax.jit
     ... def train_step(params, state):
-    ...   loss, grads, replay_fn = flax_utils.value_grad_and_outputs_fn(
+    ...   loss, grads, samples_and_vjp = flax_utils.value_grad_and_vjp(
     ...       loss_from_outputs, outputs_fn, params)
     ...   updates, state = opt.update(grads, state, params,
-    ...                               outputs_fn=replay_fn, value=loss)
+    ...                               samples_and_vjp=samples_and_vjp, value=loss)
     ...   return params + updates, state, loss
     >>> params = jnp.zeros((3, 2))
     >>> state = opt.init(params)
@@ -239,18 +139,17 @@ def value_grad_and_outputs_fn(
     samples, vjp_fn = jax.vjp(outputs_fn, params)
   loss, loss_cotangent = jax.value_and_grad(loss_from_outputs)(samples)
   (grads,) = vjp_fn(loss_cotangent)
-  replay_fn = replay_outputs_fn(samples, vjp_fn)
-  return ((loss, aux) if has_aux else loss), grads, replay_fn
+  return ((loss, aux) if has_aux else loss), grads, (samples, vjp_fn)
 
 
-def nnx_value_grad_and_outputs_fn(
+def nnx_value_grad_and_vjp(
     loss_from_outputs: Callable[[jax.Array], jax.Array],
     model: nnx.Module,
     *args: Any,
     wrt: Any = nnx.Param,
     **kwargs: Any,
-) -> tuple[jax.Array, nnx.State, Callable[[PyTree], jax.Array]]:
-  """:func:`value_grad_and_outputs_fn` for an NNX model, updating its state once.
+) -> tuple[jax.Array, nnx.State, tuple[jax.Array, Callable[[jax.Array], Any]]]:
+  """:func:`value_grad_and_vjp` for an NNX model, updating its state once.
 
   Runs ``model(*args, **kwargs)`` once under ``jax.vjp`` and writes the state
   that forward pass changed (BatchNorm statistics, RNG counters) back into
@@ -264,15 +163,9 @@ def nnx_value_grad_and_outputs_fn(
     **kwargs: keyword arguments passed to ``model``.
 
   Returns:
-    ``(loss, grads, replay_fn)``: ``grads`` is the ``wrt`` state of the
-    gradient, as ``nnx.grad`` returns it; pass ``outputs_fn=replay_fn`` to
-    ``nnx.Optimizer.update``.
-
-  As for :func:`value_grad_and_outputs_fn`, the replay supports
-  reverse-mode differentiation only: pair it with
-  :func:`kwng_jax.published_kwng` (or a chain without
-  :func:`kwng_jax.scale_by_displacement`), and give :func:`kwng_jax.kwng`
-  :func:`nnx_outputs_fn` instead.
+    ``(loss, grads, samples_and_vjp)``: ``grads`` is the ``wrt`` state of the
+    gradient, as ``nnx.grad`` returns it; pass
+    ``samples_and_vjp=samples_and_vjp`` to ``nnx.Optimizer.update``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -280,16 +173,17 @@ def nnx_value_grad_and_outputs_fn(
     >>> import kwng_jax
     >>> from kwng_jax import flax_utils
     >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
-    >>> optimizer = nnx.Optimizer(model, kwng_jax.published_kwng(0.1), wrt=nnx.Param)
+    >>> optimizer = nnx.Optimizer(model, kwng_jax.kwng(), wrt=nnx.Param)
     >>> x = jax.random.normal(jax.random.key(0), (16, 3))
     >>> y = jnp.arange(16) % 4
     >>> loss_from_logits = lambda logits: (
     ...     optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
     >>> @nnx.jit
     ... def train_step(model, optimizer):
-    ...   loss, grads, replay_fn = flax_utils.nnx_value_grad_and_outputs_fn(
+    ...   loss, grads, samples_and_vjp = flax_utils.nnx_value_grad_and_vjp(
     ...       loss_from_logits, model, x)
-    ...   optimizer.update(model, grads, outputs_fn=replay_fn, value=loss)
+    ...   optimizer.update(model, grads, samples_and_vjp=samples_and_vjp,
+    ...                    value=loss)
     ...   return loss
     >>> losses = [float(train_step(model, optimizer)) for _ in range(5)]
     >>> losses[-1] < losses[0]
@@ -304,17 +198,16 @@ def nnx_value_grad_and_outputs_fn(
     _, _, new_rest = nnx.split(copy, wrt, ...)
     return outputs, nnx.as_pure(new_rest)
 
-  loss, pure_grads, replay_fn = value_grad_and_outputs_fn(
+  (loss, new_rest), pure_grads, samples_and_vjp = value_grad_and_vjp(
       loss_from_outputs, forward, nnx.as_pure(params), has_aux=True
   )
-  loss, new_rest = loss
   nnx.update(model, new_rest)
   # Back into Variable wrappers (nnx.Param, ...), so that the optimizer's
   # `wrt` filter finds the gradient.
   grads = jax.tree.unflatten(
       jax.tree.structure(params), jax.tree.leaves(pure_grads)
   )
-  return loss, grads, replay_fn
+  return loss, grads, samples_and_vjp
 
 
 class KWNGTrainState(train_state.TrainState):

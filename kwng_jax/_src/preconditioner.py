@@ -1,0 +1,142 @@
+r"""What one step of KWNG builds and reports: the preconditioner and its diagnostics."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kwng_jax import solve
+
+PyTree = Any
+
+
+class KWNGInfo(NamedTuple):
+  """Diagnostics of one KWNG direction; all device scalars, no host sync.
+
+  Attributes:
+    bandwidth: the kernel bandwidth used.
+    effective_rank: the number of eigenvalues of the Gram Q (Q + λK with a
+      ridge) kept by the whitening; at most M.
+    alignment: :math:`\\langle g, \\hat g\\rangle`; positive for a descent
+      direction.
+    fallback: True when :math:`\\hat g` is not finite or
+      :math:`\\langle g, \\hat g\\rangle \\le 0`; :func:`kwng_jax.scale_by_kwng`
+      then uses g instead.
+    finite_inputs: False when the gradient or the samples hold NaN or Inf;
+      the update of :func:`kwng_jax.scale_by_kwng` is then zero.
+    depends_on_params: False when the samples do not depend on the params
+      (T is zero): the direction is then the damped gradient, and
+      ``outputs_fn`` is likely wrong (it closes over the model instead of
+      using its argument).
+    valid_hyperparameters: False when a hyperparameter given as a traced
+      value (:math:`\\epsilon`, ridge, bandwidth, rcond, a pinned basis;
+      e.g. through ``optax.inject_hyperparams``) was out of range; the
+      update of :func:`kwng_jax.scale_by_kwng` is then zero.
+  """
+
+  bandwidth: jax.Array
+  effective_rank: jax.Array
+  alignment: jax.Array
+  fallback: jax.Array
+  finite_inputs: jax.Array
+  depends_on_params: jax.Array
+  valid_hyperparameters: jax.Array
+
+  @classmethod
+  def empty(cls) -> 'KWNGInfo':
+    """Placeholder diagnostics, for an optimizer state before any step."""
+    return cls(
+        bandwidth=jnp.zeros((), jnp.float32),
+        effective_rank=jnp.zeros((), jnp.int32),
+        alignment=jnp.zeros((), jnp.float32),
+        fallback=jnp.zeros((), jnp.bool_),
+        finite_inputs=jnp.ones((), jnp.bool_),
+        depends_on_params=jnp.ones((), jnp.bool_),
+        valid_hyperparameters=jnp.ones((), jnp.bool_),
+    )
+
+
+class Preconditioner(NamedTuple):
+  r"""What one step of KWNG builds before it sees g or :math:`\epsilon`.
+
+  Attributes:
+    whitened: :math:`\tilde T`, a params-shaped pytree with a leading axis M.
+    damping: D, a params-shaped pytree.
+    gram: :math:`\tilde T D \tilde T^\top`, shape (M, M).
+    bandwidth: the kernel bandwidth used.
+    effective_rank: the number of kept eigenvalues of the Gram matrix.
+    finite_samples: whether the samples were all finite.
+    depends_on_params: whether T is nonzero, i.e. the samples depend on the
+      params (False: every step is the damped gradient).
+    valid_hyperparameters: whether the options given as traced values
+      (ridge, bandwidth, rcond, a pinned basis) were in range.
+    unseen: with ``damping='safe'``, the curvature given to the parameters
+      the samples do not see (:func:`kwng_jax.solve.safe_damping`);
+      None otherwise.
+  """
+
+  whitened: PyTree
+  damping: PyTree
+  gram: jax.Array
+  bandwidth: jax.Array
+  effective_rank: jax.Array
+  finite_samples: jax.Array
+  depends_on_params: jax.Array
+  valid_hyperparameters: jax.Array
+  unseen: PyTree | None = None
+
+  @classmethod
+  def empty(
+      cls, params: PyTree, num_basis: int, damping: str = 'reference'
+  ) -> 'Preconditioner':
+    r"""Zeros shaped, typed and sharded like a built preconditioner.
+
+    A placeholder for an optimizer state that stores the factors
+    (``update_every > 1``): it needs only the shapes and dtypes of
+    ``params`` (arrays or ``jax.ShapeDtypeStruct``), never the samples.
+    ``finite_samples`` is False, which marks it as not built yet.
+
+    Args:
+      params: the parameters (or their shape-dtype structs).
+      num_basis: M.
+      damping: the damping it will hold (``'safe'`` stores one more
+        params-shaped pytree).
+
+    Returns:
+      A :class:`Preconditioner` with :math:`\tilde T` of shape
+      ``(M, *p.shape)`` per leaf ``p``, D shaped like ``params``, and an
+      M×M Gram.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import kwng_jax
+      >>> params = {'w': jax.ShapeDtypeStruct((3, 4), jnp.float32)}
+      >>> empty = kwng_jax.Preconditioner.empty(params, num_basis=5)
+      >>> empty.whitened['w'].shape, empty.gram.shape
+      ((5, 3, 4), (5, 5))
+    """
+    if num_basis < 1:
+      raise ValueError(f'num_basis={num_basis!r} must be at least 1.')
+    dtype = solve.at_least_float32(*(p.dtype for p in jax.tree.leaves(params)))
+
+    def leading(p):
+      # zeros_like keeps the sharding of p (and accepts ShapeDtypeStruct).
+      zeros = jnp.zeros_like(p, dtype=dtype)
+      return jnp.broadcast_to(zeros[None], (num_basis,) + tuple(p.shape))
+
+    matrix_dtype = solve.small_matrix_dtype()
+    solve.check_damping(damping)
+    zeros = lambda p: jnp.zeros_like(p, dtype=dtype)  # noqa: E731
+    return cls(
+        whitened=jax.tree.map(leading, params),
+        damping=jax.tree.map(zeros, params),
+        gram=jnp.zeros((num_basis, num_basis), matrix_dtype),
+        bandwidth=jnp.zeros((), jnp.float32),
+        effective_rank=jnp.zeros((), jnp.int32),
+        finite_samples=jnp.zeros((), jnp.bool_),
+        depends_on_params=jnp.zeros((), jnp.bool_),
+        valid_hyperparameters=jnp.ones((), jnp.bool_),
+        unseen=jax.tree.map(zeros, params) if damping == 'safe' else None,
+    )
