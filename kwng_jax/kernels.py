@@ -194,7 +194,7 @@ def squared_distances(basis: jax.Array, samples: jax.Array) -> jax.Array:
 
 
 def mean_distance_bandwidth(
-    basis: jax.Array, samples: jax.Array, log_bandwidth: float = 0.0
+    basis: jax.Array, samples: jax.Array, log_bandwidth: float | jax.Array = 0.0
 ) -> jax.Array:
   r"""The published bandwidth rule.
 
@@ -213,7 +213,7 @@ def mean_distance_bandwidth(
 
 
 def median_bandwidth(
-    basis: jax.Array, samples: jax.Array, log_bandwidth: float = 0.0
+    basis: jax.Array, samples: jax.Array, log_bandwidth: float | jax.Array = 0.0
 ) -> jax.Array:
   r"""The median heuristic: :math:`10^{\ell}\,\mathrm{median}_{m,n}\|Y_m - X_n\|^2`.
 
@@ -239,7 +239,7 @@ def select_bandwidth(
     bandwidth: BandwidthLike,
     basis: jax.Array,
     samples: jax.Array,
-    log_bandwidth: float = 0.0,
+    log_bandwidth: float | jax.Array = 0.0,
 ) -> jax.Array:
   """Applies a bandwidth rule by name, or returns a fixed value.
 

@@ -26,6 +26,7 @@ whitened factor, D, and :math:`\tilde T D \tilde T^\top`) is computed once by
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -171,9 +172,9 @@ def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
   norms = jax.tree.map(lambda t: jnp.sqrt(jnp.sum(jnp.square(t), axis=0)), whitened)
   seen = jax.tree.map(lambda t: jnp.any(t != 0, axis=0), whitened)
   norm_leaves, seen_leaves = jax.tree.leaves(norms), jax.tree.leaves(seen)
-  total = sum(jnp.sum(jnp.where(m, jnp.square(n), 0.0))
-              for n, m in zip(norm_leaves, seen_leaves))
-  count = sum(jnp.sum(m, dtype=jnp.int32) for m in seen_leaves)
+  total = functools.reduce(jnp.add, [jnp.sum(jnp.where(m, jnp.square(n), 0.0))
+                                      for n, m in zip(norm_leaves, seen_leaves)])
+  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in seen_leaves])
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
   mean_square = total / jnp.maximum(count, 1).astype(total.dtype)
@@ -197,7 +198,7 @@ def damped_gram(whitened: PyTree, damping: PyTree) -> jax.Array:
   terms = jax.tree.map(
       lambda t, d: _contract(t * d[None], t).astype(dtype), whitened, damping
   )
-  return sum(jax.tree.leaves(terms))
+  return functools.reduce(jnp.add, jax.tree.leaves(terms))
 
 
 def solve_psd(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
@@ -261,7 +262,7 @@ def damped_natural_gradient(
       whitened,
       damped_grads,
   )
-  rhs = sum(jax.tree.leaves(projections))
+  rhs = functools.reduce(jnp.add, jax.tree.leaves(projections))
   system = gram.astype(dtype) + epsilon * jnp.eye(num_basis, dtype=dtype)
   coefficients = solve_psd(system, rhs).astype(leaf_dtype)
   inv_epsilon = (1.0 / epsilon).astype(leaf_dtype)

@@ -9,6 +9,7 @@ an orbax round trip).
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,11 +79,9 @@ def test_state_keeps_its_structure_shapes_and_dtypes_under_jit(mlp_problem, name
   step = step_fn(opt, outputs_fn, loss_fn)
   eager_params, eager_state = step(params, state)
   jit_params, jit_state = jax.jit(step)(params, state)
-  signature = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
-  assert jax.tree.structure(jit_state) == jax.tree.structure(state)
-  assert signature(jit_state) == signature(state)
-  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
-  jax.tree.map(chex_close, jit_params, eager_params)
+  chex.assert_trees_all_equal_structs(jit_state, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(jit_state, state)
+  chex.assert_trees_all_close(jit_params, eager_params, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16, jnp.float32])

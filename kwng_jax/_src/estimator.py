@@ -144,11 +144,12 @@ def build(
 
 
 def apply_preconditioner(
-    preconditioner: Preconditioner, grads: PyTree, epsilon: jax.Array
+    preconditioner: Preconditioner, grads: PyTree, epsilon: float | jax.Array
 ) -> tuple[PyTree, KWNGInfo]:
   r"""Returns :math:`\hat g = (\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g` and diagnostics."""
   options_lib.check_positive('epsilon', epsilon)
-  if jax.tree.structure(grads) != jax.tree.structure(preconditioner.damping):
+  grads_structure: Any = jax.tree.structure(grads)
+  if grads_structure != jax.tree.structure(preconditioner.damping):
     raise ValueError(
         'grads must be shaped like params (one gradient leaf per parameter); '
         f'got the structure {jax.tree.structure(grads)} for params of '

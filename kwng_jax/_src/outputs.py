@@ -121,13 +121,14 @@ def check_samples_and_vjp(
   samples, vjp_fn = samples_and_vjp
   samples = as_samples(samples)
   treedef = jax.tree.structure(params)
+  num_leaves = len(jax.tree.leaves(params))
 
   def vjp_like_params(cotangent: jax.Array) -> tuple[PyTree]:
     leaves = jax.tree.leaves(vjp_fn(cotangent))
-    if len(leaves) != treedef.num_leaves:
+    if len(leaves) != num_leaves:
       raise ValueError(
           f'The vjp_fn of samples_and_vjp returns {len(leaves)} leaves for '
-          f'params of {treedef.num_leaves}: it must be the VJP of the outputs '
+          f'params of {num_leaves}: it must be the VJP of the outputs '
           'at the params given to the update.'
       )
     return (jax.tree.unflatten(treedef, leaves),)

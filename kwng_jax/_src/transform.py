@@ -68,7 +68,7 @@ def scale_by_kwng(
     kernel: kernels_lib.KernelLike = 'gaussian',
     bandwidth: kernels_lib.BandwidthLike = 'mean_distance',
     log_bandwidth: float = 0.0,
-    damping: str = 'reference',
+    damping: options.Damping = 'reference',
     ridge: float = 0.0,
     rcond: float | None = None,
     seed: int = 0,

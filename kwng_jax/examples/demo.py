@@ -17,7 +17,6 @@ import argparse
 import json
 import pathlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -49,7 +48,7 @@ def mlp_logits(params: list[dict[str, jax.Array]], images: jax.Array, scales: ja
   return logits * scales[None, :]
 
 
-def make_train_step(opt: optax.GradientTransformationExtraArgs, scales: jax.Array) -> Callable:
+def make_train_step(opt: optax.GradientTransformationExtraArgs, scales: jax.Array) -> Any:
   """A jitted step: loss, gradient, and an update that sees outputs_fn and value."""
 
   def train_step(params, opt_state, images, labels):

@@ -223,6 +223,8 @@ class BasicBlock(nnx.Module):
     self.bn1 = _batch_norm(out_features, rngs)
     self.conv2 = _conv3x3(out_features, out_features, 1, rngs)
     self.bn2 = _batch_norm(out_features, rngs)
+    self.shortcut_conv: nnx.Conv | None
+    self.shortcut_bn: nnx.BatchNorm | None
     if stride != 1 or in_features != out_features:
       self.shortcut_conv = nnx.Conv(
           in_features,
@@ -242,7 +244,7 @@ class BasicBlock(nnx.Module):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     features = jax.nn.relu(self.bn1(self.conv1(inputs)))
     features = self.bn2(self.conv2(features))
-    if self.shortcut_conv is None:
+    if self.shortcut_conv is None or self.shortcut_bn is None:
       shortcut = inputs
     else:
       shortcut = self.shortcut_bn(self.shortcut_conv(inputs))

@@ -25,9 +25,14 @@ Needs Flax (``pip install "kwng_jax[flax]"``); ``import kwng_jax`` does not
 import this package.
 """
 
-from kwng_jax.flax_utils._deprecated import nnx_value_grad_and_outputs_fn
-from kwng_jax.flax_utils._deprecated import replay_outputs_fn
-from kwng_jax.flax_utils._deprecated import value_grad_and_outputs_fn
+# Deprecated since 0.3.0 (they warn); kept out of __all__.
+from kwng_jax.flax_utils._deprecated import (
+    nnx_value_grad_and_outputs_fn as nnx_value_grad_and_outputs_fn,
+)
+from kwng_jax.flax_utils._deprecated import replay_outputs_fn as replay_outputs_fn
+from kwng_jax.flax_utils._deprecated import (
+    value_grad_and_outputs_fn as value_grad_and_outputs_fn,
+)
 from kwng_jax.flax_utils._helpers import KWNGTrainState
 from kwng_jax.flax_utils._helpers import nnx_outputs_fn
 from kwng_jax.flax_utils._helpers import nnx_value_grad_and_vjp

@@ -66,7 +66,7 @@ def nnx_outputs_fn(
     >>> losses[-1] < losses[0]
     True
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
+  graphdef, _, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   # Plain arrays, not the model's Variables: merge then builds fresh
   # Variables, whose mutation (inside jax.vjp) cannot reach the model.
   rest = nnx.as_pure(rest)
@@ -189,7 +189,7 @@ def nnx_value_grad_and_vjp(
     >>> losses[-1] < losses[0]
     True
   """
-  graphdef, params, rest = nnx.split(model, wrt, ...)
+  graphdef, params, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   rest = nnx.as_pure(rest)
 
   def forward(pure_params):
