@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import optax
@@ -109,22 +110,10 @@ def kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
+  direction = _scale_by_kwng(locals())
   options.check_learning_rate(learning_rate)
   chain = optax.chain(
-      transform.scale_by_kwng(
-          num_basis,
-          epsilon,
-          kernel=kernel,
-          bandwidth=bandwidth,
-          log_bandwidth=log_bandwidth,
-          damping=damping,
-          ridge=ridge,
-          rcond=rcond,
-          seed=seed,
-          update_every=update_every,
-          jacobian_samples=jacobian_samples,
-          jacobian_dtype=jacobian_dtype,
-      ),
+      direction,
       displacement.scale_by_displacement(1.0, mode='cap'),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -208,25 +197,17 @@ def published_kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
+  direction = _scale_by_kwng(locals())
   options.check_learning_rate(learning_rate)
-  steps = [
-      transform.scale_by_kwng(
-          num_basis,
-          epsilon,
-          kernel=kernel,
-          bandwidth=bandwidth,
-          log_bandwidth=log_bandwidth,
-          damping=damping,
-          ridge=ridge,
-          rcond=rcond,
-          seed=seed,
-          update_every=update_every,
-          jacobian_samples=jacobian_samples,
-          jacobian_dtype=jacobian_dtype,
-      )
-  ]
+  steps = [direction]
   if max_norm is not None:
     steps.append(clipping.clip_by_global_norm(max_norm))
   steps.append(optax.scale_by_learning_rate(learning_rate))
   chain = optax.chain(*steps)
   return adaptive_epsilon.adaptive_damping(chain) if adaptive else chain
+
+
+def _scale_by_kwng(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+  """:func:`kwng_jax.scale_by_kwng` with the options among an alias's ``locals()``."""
+  names = inspect.signature(transform.scale_by_kwng).parameters
+  return transform.scale_by_kwng(**{name: arguments[name] for name in names})

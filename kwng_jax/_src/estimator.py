@@ -75,11 +75,7 @@ def build_preconditioner(
     >>> pre.whitened['w'].shape, direction['w'].shape
     ((5, 3, 4), (3, 4))
   """
-  opts = options_lib.EstimatorOptions(
-      num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
-      log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
-      jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
-  )
+  opts = options_lib.EstimatorOptions.of(locals())
   return build(
       outputs_fn, params, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_outputs_fn=jacobian_outputs_fn,
@@ -279,11 +275,7 @@ def natural_gradient(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
-  opts = options_lib.EstimatorOptions(
-      num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
-      log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
-      jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
-  )
+  opts = options_lib.EstimatorOptions.of(locals())
   preconditioner = build(
       outputs_fn, params, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_outputs_fn=jacobian_outputs_fn,

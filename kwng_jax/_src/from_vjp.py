@@ -101,11 +101,7 @@ def preconditioner_from_vjp(
     >>> direction['w'].shape
     (3, 4)
   """
-  opts = options_lib.EstimatorOptions(
-      num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
-      log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
-      jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
-  )
+  opts = options_lib.EstimatorOptions.of(locals())
   return from_vjp_of_options(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords,

@@ -51,6 +51,11 @@ class EstimatorOptions:
   jacobian_samples: int | None = None
   jacobian_dtype: Any = None
 
+  @classmethod
+  def of(cls, arguments: dict[str, Any]) -> 'EstimatorOptions':
+    """The options among ``arguments`` (an entry point's ``locals()``)."""
+    return cls(**{field.name: arguments[field.name] for field in dataclasses.fields(cls)})
+
   def __post_init__(self):
     check_estimator_options(
         **{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -182,11 +182,7 @@ def scale_by_kwng(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
-  opts = options.EstimatorOptions(
-      num_basis=num_basis, kernel=kernel, bandwidth=bandwidth,
-      log_bandwidth=log_bandwidth, damping=damping, ridge=ridge, rcond=rcond,
-      jacobian_samples=jacobian_samples, jacobian_dtype=jacobian_dtype,
-  )
+  opts = options.EstimatorOptions.of(locals())
   options.check_positive('epsilon', epsilon)
   options.check_seed(seed)
   update_every = options.check_count(
