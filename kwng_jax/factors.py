@@ -229,11 +229,16 @@ def jacobian_factor(
     cross: jax.Array,
     samples_shape: tuple[int, ...],
     samples_dtype: jnp.dtype,
+    batching: str = 'vmap',
 ) -> PyTree:
   r"""T: row m is the VJP of the sample function with cotangent ``W[m] / n``.
 
-  One ``jax.vmap`` over the M cotangents of one ``jax.vjp``: the backward
-  pass is batched, not repeated M times. When W covers only the first
+  The M VJPs of one ``jax.vjp`` run as one batched backward pass
+  (``batching='vmap'``), as M backward passes unrolled in the program
+  (``'loop'``), or under ``jax.lax.map`` (``'map'``). The numbers agree to
+  rounding; the speed does not: XLA:CPU runs the batched weight-gradient
+  contractions of ``vmap`` far slower than M plain ones, while accelerators
+  prefer the batch. When W covers only the first
   ``n < N`` samples (T from a subsample), the cotangents are zero on the
   others: the numbers are those of a VJP over n samples, the cost that of N
   (pass a function of the n samples alone to ``jax.vjp`` for the saving).
@@ -244,6 +249,7 @@ def jacobian_factor(
     samples_shape: the shape ``(N, ...)`` of what ``outputs_fn`` returned,
       ``N >= n``.
     samples_dtype: its dtype; the cotangents are cast to it.
+    batching: ``'vmap'``, ``'loop'`` or ``'map'``.
 
   Returns:
     T as a pytree shaped like the params with a leading axis of size M.
@@ -260,5 +266,15 @@ def jacobian_factor(
         cotangents, ((0, 0), (0, num_samples - num_rows), (0, 0))
     )
   cotangents = cotangents.reshape((num_basis,) + tuple(samples_shape))
-  (jacobian,) = jax.vmap(vjp_fn)(cotangents)
+  if batching == 'vmap':
+    (jacobian,) = jax.vmap(vjp_fn)(cotangents)
+  elif batching == 'map':
+    (jacobian,) = jax.lax.map(vjp_fn, cotangents)
+  elif batching == 'loop':
+    rows = [vjp_fn(cotangents[m])[0] for m in range(num_basis)]
+    jacobian = jax.tree.map(lambda *leaves: jnp.stack(leaves), *rows)
+  else:
+    raise ValueError(
+        f"Unknown batching={batching!r}; valid values are 'vmap', 'loop', 'map'."
+    )
   return jacobian

@@ -101,3 +101,24 @@ def test_traced_pinned_basis_is_flagged_not_clamped():
   assert not bool(validity(jnp.array([0, 32]), jnp.array([0, 3])))
   assert not bool(validity(jnp.array([5, 5]), jnp.array([0, 3])))
   assert not bool(validity(jnp.array([0, 1]), jnp.array([0, 4])))
+
+
+@pytest.mark.parametrize('batching', ['loop', 'map'])
+def test_batchings_of_the_vjps_agree_with_vmap(batching):
+  x = jax.random.normal(jax.random.key(0), (16, 3))
+  params = {'w': jax.random.normal(jax.random.key(1), (3, 4)), 'b': jnp.zeros(4)}
+  samples, vjp_fn = jax.vjp(lambda p: jnp.tanh(x @ p['w'] + p['b'][None, :]), params)
+  cross = jax.random.normal(jax.random.key(2), (5, 12, 4))  # T from the first 12 rows
+  expected = factors.jacobian_factor(vjp_fn, cross, samples.shape, samples.dtype, 'vmap')
+  got = jax.jit(lambda c: factors.jacobian_factor(
+      vjp_fn, c, samples.shape, samples.dtype, batching))(cross)
+  for name in params:
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_batching_is_a_loop_on_cpu_and_can_be_overridden():
+  from kwng_jax._src import options
+  assert options.resolved_batching('auto') == ('loop' if jax.default_backend() == 'cpu' else 'vmap')
+  assert options.resolved_batching('map') == 'map'
+  with pytest.raises(ValueError, match='jacobian_batching'):
+    options.EstimatorOptions(jacobian_batching='unrolled')

@@ -31,6 +31,7 @@ def kwng(
     update_every: int | None = None,
     jacobian_samples: int | None = None,
     jacobian_dtype: Any = None,
+    jacobian_batching: options.JacobianBatching = 'auto',
 ) -> optax.GradientTransformationExtraArgs:
   r"""The KWNG optimizer to reach for: steps measured where the samples move.
 
@@ -69,7 +70,7 @@ def kwng(
     learning_rate: :math:`\eta`, the largest RMS displacement of the
       samples per step (a float or an Optax schedule). Default 1.
     num_basis: M, the number of basis functions.
-    epsilon: initial damping strength :math:`\epsilon`.
+    epsilon: initial regularization strength :math:`\epsilon`.
     adaptive: adapt :math:`\epsilon` from the loss at every step.
     kernel: see :func:`kwng_jax.scale_by_kwng`.
     bandwidth: see :func:`kwng_jax.scale_by_kwng`.
@@ -81,6 +82,7 @@ def kwng(
     update_every: see :func:`kwng_jax.scale_by_kwng`.
     jacobian_samples: see :func:`kwng_jax.scale_by_kwng`.
     jacobian_dtype: see :func:`kwng_jax.scale_by_kwng`.
+    jacobian_batching: see :func:`kwng_jax.natural_gradient`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -139,6 +141,7 @@ def published_kwng(
     update_every: int | None = None,
     jacobian_samples: int | None = None,
     jacobian_dtype: Any = None,
+    jacobian_batching: options.JacobianBatching = 'auto',
 ) -> optax.GradientTransformationExtraArgs:
   r"""The KWNG optimizer of the paper's experiments, as an Optax chain.
 
@@ -154,7 +157,7 @@ def published_kwng(
   Args:
     learning_rate: a float or a schedule ``step -> lr``.
     num_basis: M, the number of basis functions (published: 5).
-    epsilon: initial damping strength (published: 1e-5).
+    epsilon: initial regularization strength (published: 1e-5).
     max_norm: clip the direction to this global norm (published: 1);
       ``None`` disables clipping. The norm is computed in at least float32
       (:func:`kwng_jax.clip_by_global_norm`).
@@ -172,6 +175,8 @@ def published_kwng(
       :func:`kwng_jax.scale_by_kwng`.
     jacobian_dtype: dtype of the vector–Jacobian products; see
       :func:`kwng_jax.scale_by_kwng`.
+    jacobian_batching: how the M VJPs run; see
+      :func:`kwng_jax.natural_gradient`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

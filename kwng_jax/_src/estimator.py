@@ -50,6 +50,7 @@ def build_preconditioner(
     basis_coords: jax.Array | None = None,
     jacobian_samples: int | None = None,
     jacobian_dtype: Any = None,
+    jacobian_batching: options_lib.JacobianBatching = 'auto',
     jacobian_outputs_fn: OutputsFn | None = None,
 ) -> Preconditioner:
   r"""Builds the whitened factor, the damping and the M×M Gram of one step.
@@ -203,6 +204,7 @@ def natural_gradient(
     basis_coords: jax.Array | None = None,
     jacobian_samples: int | None = None,
     jacobian_dtype: Any = None,
+    jacobian_batching: options_lib.JacobianBatching = 'auto',
     jacobian_outputs_fn: OutputsFn | None = None,
 ) -> tuple[PyTree, KWNGInfo]:
   r"""The kernelized Wasserstein natural gradient :math:`\hat g` of ``grads``.
@@ -225,7 +227,7 @@ def natural_gradient(
     params: the point where the samples are differentiated.
     key: PRNG key for the basis; not needed when the basis is pinned.
     num_basis: M, the number of basis functions (at most N).
-    epsilon: the damping strength :math:`\epsilon > 0`.
+    epsilon: the regularization strength :math:`\epsilon > 0`.
     kernel: a name in :data:`kwng_jax.kernels.KERNELS`, or a scalar function
       ``k(x, y)`` or ``k(x, y, bandwidth)``.
     bandwidth: ``'mean_distance'`` (published), ``'median'``, or a number.
@@ -247,6 +249,11 @@ def natural_gradient(
       the VJPs that give T (``outputs_fn`` must then compute in the dtype of
       the params it is given). The samples, W, Q, the whitening and the M×M
       solve stay in the params' precision (at least float32).
+    jacobian_batching: how the M VJPs run: ``'vmap'`` (one batched
+      backward pass), ``'loop'`` (M backward passes unrolled), ``'map'``
+      (``jax.lax.map``), or ``'auto'``: ``'loop'`` on CPU, where XLA runs
+      the batched weight-gradient contractions slowly, ``'vmap'`` on
+      accelerators. The numbers agree to rounding.
     jacobian_outputs_fn: ``params -> samples`` of the first n rows of the
       batch alone (e.g. ``lambda p: model(p, x[:n])``), differentiated for T
       instead of ``outputs_fn``; n is read from its output.

@@ -56,6 +56,7 @@ def preconditioner_from_vjp(
     basis_coords: jax.Array | None = None,
     jacobian_samples: int | None = None,
     jacobian_dtype: Any = None,
+    jacobian_batching: options_lib.JacobianBatching = 'auto',
 ) -> Preconditioner:
   r"""Builds the preconditioner from a forward pass already run.
 
@@ -83,6 +84,7 @@ def preconditioner_from_vjp(
     basis_coords: see :func:`kwng_jax.natural_gradient`.
     jacobian_samples: n, the number of leading samples ``vjp_fn`` covers.
     jacobian_dtype: the dtype of the outputs ``vjp_fn`` differentiates.
+    jacobian_batching: see :func:`kwng_jax.natural_gradient`.
 
   Returns:
     A :class:`kwng_jax.Preconditioner`, the same (to rounding) as
@@ -205,7 +207,8 @@ def from_vjp(
     rkhs = factors.basis_rkhs_gram(kernel_fn, basis, basis_coords, sigma)
     gram = gram + jnp.asarray(opts.ridge).astype(kernel_dtype) * rkhs
   jacobian = factors.jacobian_factor(
-      vjp_fn, cross, jacobian_like.shape, jacobian_like.dtype
+      vjp_fn, cross, jacobian_like.shape, jacobian_like.dtype,
+      options_lib.resolved_batching(opts.jacobian_batching),
   )
   if jacobian_like.dtype != samples.dtype:
     # Back to the samples' dtype: everything after the VJP (whitening,

@@ -25,6 +25,20 @@ import numpy as np
 BANDWIDTH_RULES = ('mean_distance', 'median')
 
 Damping = Literal['reference', 'safe', 'squared', 'identity']
+JacobianBatching = Literal['auto', 'vmap', 'loop', 'map']
+
+#: How the M VJPs that give T run (see :func:`kwng_jax.factors.jacobian_factor`).
+JACOBIAN_BATCHINGS = ('auto', 'vmap', 'loop', 'map')
+
+
+def resolved_batching(batching: str) -> str:
+  """``'auto'``: M unrolled VJPs on CPU (measured faster there), one batched
+  ``vmap`` on accelerators; any other value as given."""
+  if batching != 'auto':
+    return batching
+  return 'loop' if jax.default_backend() == 'cpu' else 'vmap'
+
+
 BandwidthRule = Literal['mean_distance', 'median']
 
 
@@ -50,6 +64,7 @@ class EstimatorOptions:
   rcond: float | None = None
   jacobian_samples: int | None = None
   jacobian_dtype: Any = None
+  jacobian_batching: JacobianBatching = 'auto'
 
   @classmethod
   def of(cls, arguments: dict[str, Any]) -> 'EstimatorOptions':
@@ -211,6 +226,7 @@ def check_estimator_options(
     rcond: Any,
     jacobian_samples: Any,
     jacobian_dtype: Any,
+    jacobian_batching: Any = 'auto',
 ) -> None:
   """Checks the options of the estimator; raises a ValueError naming a bad one."""
   # Imported here: kernels and solve import this module's checks.
@@ -228,6 +244,11 @@ def check_estimator_options(
     check_count(
         'jacobian_samples', jacobian_samples,
         'Pass a number of samples, or None to use the whole batch.',
+    )
+  if jacobian_batching not in JACOBIAN_BATCHINGS:
+    raise ValueError(
+        f'Unknown jacobian_batching={jacobian_batching!r}; valid values are '
+        f'{list(JACOBIAN_BATCHINGS)}.'
     )
   if jacobian_dtype is not None and not jnp.issubdtype(
       jnp.dtype(jacobian_dtype), jnp.floating

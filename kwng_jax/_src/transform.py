@@ -38,7 +38,7 @@ class ScaleByKWNGState(NamedTuple):
   Attributes:
     kwng_count: number of updates so far; the basis of step t is drawn with
       ``jax.random.fold_in(jax.random.key(seed), t)``.
-    kwng_epsilon: the damping strength :math:`\\epsilon` of the next update
+    kwng_epsilon: the regularization strength :math:`\\epsilon` of the next update
       (changed by :func:`kwng_jax.adaptive_damping`, or by hand with
       ``optax.tree_utils.tree_set``).
     kwng_epsilon_setting: the ``epsilon`` the transformation was built with
@@ -75,6 +75,7 @@ def scale_by_kwng(
     update_every: int | None = None,
     jacobian_samples: int | None = None,
     jacobian_dtype: Any = None,
+    jacobian_batching: options.JacobianBatching = 'auto',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions updates with the kernelized Wasserstein natural gradient.
 
@@ -143,7 +144,7 @@ def scale_by_kwng(
 
   Args:
     num_basis: M, the number of basis functions; at most the batch size.
-    epsilon: initial damping strength :math:`\epsilon > 0`; it is state
+    epsilon: initial regularization strength :math:`\epsilon > 0`; it is state
       (``kwng_epsilon``) so that :func:`kwng_jax.adaptive_damping` can adapt it.
     kernel: a kernel name or a scalar function ``k(x, y[, bandwidth])``.
     bandwidth: ``'mean_distance'`` (published), ``'median'``, or a number.
@@ -160,6 +161,9 @@ def scale_by_kwng(
       (with ``num_basis``); its default None is left alone there.
     jacobian_samples: n; compute W, Q and T from the first n samples.
     jacobian_dtype: dtype of the VJPs that give T, e.g. ``jnp.bfloat16``.
+    jacobian_batching: how the M VJPs run (default ``'auto'``: unrolled on
+      CPU, batched with ``vmap`` on accelerators); see
+      :func:`kwng_jax.natural_gradient`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
