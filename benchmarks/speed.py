@@ -64,7 +64,7 @@ from kwng_jax.examples import models
 import common
 
 PyTree = Any
-MODELS = ('mlp', 'cnn', 'resnet18')
+MODELS = ('mlp', 'cnn', 'mlp784', 'resnet18')
 DEFAULT_OUT = pathlib.Path(__file__).parent / 'results' / 'speed'
 
 # Step-time targets on one H100 or H200, ResNet-18, batch 128.
@@ -84,6 +84,9 @@ def build_model(name: str, seed: int = 0) -> nnx.Module:
     return models.MLP(64, (128,), 10, logit_scales=scales, rngs=rngs)
   if name == 'cnn':
     return models.CNN(10, logit_scales=scales, rngs=rngs)
+  if name == 'mlp784':
+    # The 784-512-512-10 MLP (670k parameters) of MNIST-sized inputs.
+    return models.MLP(784, (512, 512), 10, logit_scales=scales, rngs=rngs)
   if name == 'resnet18':
     return models.ResNet18(10, logit_scales=scales, rngs=rngs)
   raise ValueError(f'model={name!r}: choose one of {MODELS}.')
@@ -99,8 +102,11 @@ def batch(name: str, batch_size: int) -> tuple[jax.Array, jax.Array, str]:
     return (jnp.asarray(split.train_images[:batch_size]),
             jnp.asarray(split.train_labels[:batch_size]), 'digits (8x8x1)')
   image_key, label_key = jax.random.split(jax.random.key(0))
-  images = jax.random.normal(image_key, (batch_size, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(label_key, (batch_size,), 0, 10, jnp.int32)
+  if name == 'mlp784':
+    images = jax.random.normal(image_key, (batch_size, 784), jnp.float32)
+    return images, labels, 'random MNIST-sized (784)'
+  images = jax.random.normal(image_key, (batch_size, 32, 32, 3), jnp.float32)
   return images, labels, 'random CIFAR-shaped (32x32x3)'
 
 
@@ -343,7 +349,7 @@ def plot(payload: dict[str, Any], path: pathlib.Path) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', nargs='+', choices=MODELS, default=['mlp', 'cnn'])
+  parser.add_argument('--model', nargs='+', choices=MODELS, default=['mlp', 'cnn', 'mlp784'])
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--num-basis', type=int, nargs='+', default=[5, 10, 20])
   parser.add_argument('--variant-num-basis', type=int, nargs='+', default=[5],
