@@ -122,8 +122,14 @@ def test_per_step_rule_grows_epsilon_when_steps_raise_the_loss():
 
 
 def test_per_step_rule_shrinks_epsilon_when_steps_work():
-  """Small steps decrease the loss as predicted: ε must fall at every step."""
-  epsilons, losses = epsilons_along_training(kwng_jax.kwng(0.005), 12)
+  """Small steps decrease the loss as predicted: ε must fall at every step.
+
+  T has rank 2 here (linear samples of width 2), so the direction's
+  components outside it rest on rounding: the batching of the VJPs is
+  pinned, so that the ratios this test relies on do not move with it.
+  """
+  epsilons, losses = epsilons_along_training(
+      kwng_jax.kwng(0.005, jacobian_batching='vmap'), 12)
   assert np.all(np.diff(losses) < 0)
   np.testing.assert_allclose(epsilons[-1], 1e-5 * 0.85**11, rtol=1e-4)
 
