@@ -91,6 +91,18 @@ def test_half_precision_samples_do_not_overflow():
              and bool(jnp.any(x != 0)) for x in jax.tree.leaves(scaled))
 
 
+def test_half_precision_large_updates_do_not_overflow_the_jvp():
+  """A float16 update of 6e4 moves the samples by J u ~ 1e5, past float16's
+  65504: the tangent is scaled down before the JVP and the factor put back."""
+  params, outputs_fn, updates = problem()
+  big_updates = jax.tree.map(lambda u: 6e4 * u / jnp.max(jnp.abs(u)), updates)
+  reference = float(kwng_jax.sample_displacement(outputs_fn, params, big_updates))
+  half = jax.tree.map(lambda x: x.astype(jnp.float16), (params, big_updates))
+  displacement = float(kwng_jax.sample_displacement(outputs_fn, *half))
+  assert reference > 65504
+  np.testing.assert_allclose(displacement, reference, rtol=2e-2)
+
+
 def test_vmap_over_problems_equals_a_loop():
   params, outputs_fn, updates = problem()
   stacked = jax.tree.map(lambda u: jnp.stack([u, 10 * u, 0.01 * u]), updates)
