@@ -340,34 +340,21 @@ def _(jit):
 
 # --- Unusual but valid: must train ----------------------------------------
 
-@case('float16 params, published chain', kind='unusual', check=lambda r: r.finite() and r.moved())
-def _(jit):
-  params = jax.tree.map(lambda p: p.astype(jnp.float16), PARAMS)
-  return run(kwng_jax.published_kwng(0.1), jit, params=params,
-             outputs=lambda p: jnp.tanh(X.astype(jnp.float16) @ p['w'] + p['b']),
-             loss=lambda p: jnp.mean(jnp.square(
-                 jnp.tanh(X.astype(jnp.float16) @ p['w'] + p['b']) - Y.astype(jnp.float16)
-             ).astype(jnp.float32)))
+def in_dtype(opt, use_jit, dtype):
+  """``run`` with the params, the inputs and the samples in ``dtype``."""
+  def outputs(p):
+    return jnp.tanh(X.astype(dtype) @ p['w'] + p['b'])
+
+  return run(opt, use_jit, params=jax.tree.map(lambda p: p.astype(dtype), PARAMS),
+             outputs=outputs,
+             loss=lambda p: jnp.mean(jnp.square(outputs(p) - Y.astype(dtype)).astype(jnp.float32)))
 
 
-@case('float16 params, kwng()', kind='unusual', check=lambda r: r.finite() and r.moved())
-def _(jit):
-  params = jax.tree.map(lambda p: p.astype(jnp.float16), PARAMS)
-  return run(kwng_jax.kwng(), jit, params=params,
-             outputs=lambda p: jnp.tanh(X.astype(jnp.float16) @ p['w'] + p['b']),
-             loss=lambda p: jnp.mean(jnp.square(
-                 jnp.tanh(X.astype(jnp.float16) @ p['w'] + p['b']) - Y.astype(jnp.float16)
-             ).astype(jnp.float32)))
-
-
-@case('bfloat16 params', kind='unusual', check=lambda r: r.finite() and r.moved())
-def _(jit):
-  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
-  return run(kwng_jax.kwng(), jit, params=params,
-             outputs=lambda p: jnp.tanh(X.astype(jnp.bfloat16) @ p['w'] + p['b']),
-             loss=lambda p: jnp.mean(jnp.square(
-                 jnp.tanh(X.astype(jnp.bfloat16) @ p['w'] + p['b']) - Y.astype(jnp.bfloat16)
-             ).astype(jnp.float32)))
+for _name, _make, _dtype in [('float16 params, published chain', lambda: kwng_jax.published_kwng(0.1), jnp.float16),
+                             ('float16 params, kwng()', kwng_jax.kwng, jnp.float16),
+                             ('bfloat16 params', kwng_jax.kwng, jnp.bfloat16)]:
+  case(_name, kind='unusual', check=lambda r: r.finite() and r.moved())(
+      lambda jit, m=_make, d=_dtype: in_dtype(m(), jit, d))
 
 
 @case('loss scaled by 1e15, published chain', kind='unusual',

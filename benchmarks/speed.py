@@ -187,7 +187,6 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     if fused:
       (loss, new_rest), grads, samples_and_vjp = flax_utils.value_grad_and_vjp(
           loss_from_logits, forward, params, has_aux=True)
-      forward_pass = {'samples_and_vjp': samples_and_vjp}
     else:
       def loss_fn(p):
         logits, new_rest = forward(p)
@@ -195,12 +194,14 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
       (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-      forward_pass = {'outputs_fn': lambda p: forward(p)[0]}
-
     if jacobian_batch is not None:
       # jacobian_samples and jacobian_dtype run their own VJPs from outputs_fn.
       forward_pass = {'outputs_fn': lambda p: forward(p)[0],
                       'jacobian_outputs_fn': lambda p: forward(p, images[jacobian_batch])[0]}
+    elif fused:
+      forward_pass = {'samples_and_vjp': samples_and_vjp}
+    else:
+      forward_pass = {'outputs_fn': lambda p: forward(p)[0]}
     updates, opt_state = tx.update(grads, opt_state, params, value=loss, **forward_pass)
     return (optax.apply_updates(params, updates), new_rest, opt_state), loss
 

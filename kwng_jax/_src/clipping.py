@@ -10,6 +10,19 @@ from kwng_jax import solve
 from kwng_jax._src import options
 
 
+def entry_scale(tree) -> jax.Array:
+  """The largest ``|entry|`` of a pytree, in at least float32; 1 if all are 0.
+
+  Dividing by it before squaring keeps squares and their sums from
+  overflowing or underflowing, whatever the dtype and the units.
+  """
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  dtype = solve.at_least_float32(*(x.dtype for x in leaves))
+  largest = jnp.max(jnp.stack(
+      [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
+  return jnp.where(largest > 0, largest, jnp.ones_like(largest))
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   r"""Scales updates down to global norm ``max_norm``, computed without overflow.
 
@@ -39,9 +52,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     del params
     leaves = jax.tree.leaves(updates)
     dtype = solve.at_least_float32(*(u.dtype for u in leaves))
-    largest = jnp.max(jnp.stack(
-        [jnp.max(jnp.abs(u), initial=0).astype(dtype) for u in leaves]))
-    safe_largest = jnp.where(largest > 0, largest, 1.0)
+    safe_largest = entry_scale(updates)
     norm = safe_largest * jnp.sqrt(sum(
         jnp.sum(jnp.square(u.astype(dtype) / safe_largest)) for u in leaves))
     scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kwng_jax._src import clipping
 from kwng_jax._src import options
 from kwng_jax._src import outputs as outputs_lib
 from kwng_jax import solve
@@ -81,15 +82,12 @@ def sample_displacement(
 def displacement_along(
     move: Callable[[PyTree], jax.Array], params: PyTree, updates: PyTree
 ) -> jax.Array:
-  """:math:`\Delta(u)` given ``move``, the linear map :math:`u \mapsto J u`."""
+  r""":math:`\Delta(u)` given ``move``, the linear map :math:`u \mapsto J u`."""
   # The tangent is u over its largest entry, so that the product J u can
   # neither overflow nor underflow in the params' dtype (float16); the
   # factor is put back in at least float32.
-  leaves = [jnp.asarray(u) for u in jax.tree.leaves(updates)]
-  dtype = solve.at_least_float32(*(u.dtype for u in leaves))
-  largest_update = jnp.max(jnp.stack(
-      [jnp.max(jnp.abs(u), initial=0).astype(dtype) for u in leaves]))
-  update_scale = jnp.where(largest_update > 0, largest_update, 1.0)
+  update_scale = clipping.entry_scale(updates)
+  dtype = update_scale.dtype
   tangent = jax.tree.map(
       lambda u, p: (jnp.asarray(u).astype(dtype) / update_scale).astype(
           jnp.asarray(p).dtype),
@@ -100,8 +98,7 @@ def displacement_along(
   moved = moved.astype(dtype).reshape(moved.shape[0], -1)
   # Scaled by the largest entry first, so that squaring neither overflows
   # nor underflows whatever the units of the samples.
-  largest_move = jnp.max(jnp.abs(moved))
-  move_scale = jnp.where(largest_move > 0, largest_move, 1.0)
+  move_scale = clipping.entry_scale(moved)
   mean_square = jnp.mean(jnp.sum(jnp.square(moved / move_scale), axis=1))
   displacement = update_scale.astype(dtype) * move_scale * jnp.sqrt(mean_square)
   return displacement.astype(solve.small_matrix_dtype())
