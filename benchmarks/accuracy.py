@@ -501,7 +501,7 @@ def run_studies(config: StudyConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-  """The issue's targets, measured (the ones the run's grids cover)."""
+  """The accuracy targets, measured (the ones the run's grids cover)."""
   checks = []
   for (dim, n, m), threshold in ERROR_TARGETS.items():
     table = results['n_sweep'].get(f'd={dim}', {}).get('kwng')

@@ -288,7 +288,7 @@ def summarize(record: dict[str, Any]) -> None:
 
 
 def targets(record: dict[str, Any], platform: str) -> dict[str, Any]:
-  """The issue's targets: the GPU ones where they apply (GPU, ResNet-18, batch 128),
+  """The targets: the GPU ones where they apply (GPU, ResNet-18, batch 128),
   the amortized one (``update_every=10``) wherever its row was measured."""
   applies = platform == 'gpu' and record['model'] == 'resnet18' and record['batch_size'] == 128
   entries = record['optimizers']
