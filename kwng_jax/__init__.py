@@ -30,10 +30,11 @@ from kwng_jax._src.estimator import natural_gradient
 from kwng_jax._src.from_vjp import preconditioner_from_vjp
 from kwng_jax._src.preconditioner import KWNGInfo
 from kwng_jax._src.preconditioner import Preconditioner
+from kwng_jax._src.stacking import value_grad_and_update
 from kwng_jax._src.transform import scale_by_kwng
 from kwng_jax._src.transform import ScaleByKWNGState
 
-__version__ = '0.3.0'
+__version__ = '0.4.0'
 
 __all__ = [
     'AdaptiveDampingState',
@@ -56,6 +57,7 @@ __all__ = [
     'scale_by_displacement',
     'scale_by_kwng',
     'solve',
+    'value_grad_and_update',
 ]
 
 #: Modules that moved in 0.3.0: old attribute -> new module.

@@ -158,10 +158,11 @@ def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
   bound as :math:`\epsilon \to 0`, and which no step length measured on the
   samples can see).
 
-  A column is unseen when it is exactly zero: no magnitude threshold can
-  tell a zero column from a real but tiny one (the paper's ill-conditioned
-  head gives whitened columns 1e-14 times the largest, and the 'reference'
-  damping relies on them).
+  A column is unseen when its squared norm is zero: an exact zero (or
+  entries so small, below about 1e-19 in float32, that their squares
+  underflow). No larger threshold can tell a zero column from a real but
+  tiny one (the paper's ill-conditioned head gives whitened columns 1e-14
+  times the largest, and the 'reference' damping relies on them).
 
   Args:
     whitened: :math:`\tilde T`, leaves with a leading axis of size M.
@@ -169,20 +170,20 @@ def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
   Returns:
     ``(D, v)``, each shaped like one row of ``whitened``.
   """
-  norms = jax.tree.map(lambda t: jnp.sqrt(sum_over_basis(jnp.square(t))), whitened)
-  seen = jax.tree.map(lambda t: sum_over_basis(jnp.abs(t)) > 0, whitened)
-  norm_leaves, seen_leaves = jax.tree.leaves(norms), jax.tree.leaves(seen)
-  total = functools.reduce(jnp.add, [jnp.sum(jnp.where(m, jnp.square(n), 0.0))
-                                      for n, m in zip(norm_leaves, seen_leaves)])
-  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in seen_leaves])
+  squared_norms = jax.tree.map(lambda t: sum_over_basis(jnp.square(t)), whitened)
+  seen = jax.tree.map(lambda q: q > 0, squared_norms)
+  total = functools.reduce(jnp.add, [jnp.sum(jnp.where(m, q, 0.0)) for q, m in
+                                      zip(jax.tree.leaves(squared_norms), jax.tree.leaves(seen))])
+  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
   mean_square = total / jnp.maximum(count, 1).astype(total.dtype)
   typical = jnp.where(count > 0, jnp.sqrt(mean_square), 1.0)
   damping = jax.tree.map(
-      lambda n, m: 1.0 / jnp.where(m, n + DAMPING_OFFSET, typical.astype(n.dtype)), norms, seen)
+      lambda q, m: 1.0 / jnp.where(m, jnp.sqrt(q) + DAMPING_OFFSET, typical.astype(q.dtype)),
+      squared_norms, seen)
   unseen = jax.tree.map(
-      lambda n, m: jnp.where(m, 0.0, jnp.square(typical)).astype(n.dtype), norms, seen)
+      lambda q, m: jnp.where(m, 0.0, jnp.square(typical)).astype(q.dtype), squared_norms, seen)
   return damping, unseen
 
 
@@ -200,7 +201,10 @@ def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
   """Sums ``a[m, ...] * b[k, ...]`` over the trailing axes: shape (M, K).
 
   As one matrix product of the flattened rows: XLA:CPU runs it twice as fast
-  as the same contraction over the original trailing axes.
+  as the same contraction over the original trailing axes. (Splitting the
+  columns into cache-sized chunks sped up this product alone by 1.7x on a
+  2-core CPU, but made the whole natural-gradient step 1.8x slower: XLA then
+  fuses the chunks with their producers.)
   """
   return a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
 

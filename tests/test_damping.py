@@ -122,16 +122,19 @@ def test_per_step_rule_grows_epsilon_when_steps_raise_the_loss():
 
 
 def test_per_step_rule_shrinks_epsilon_when_steps_work():
-  """Small steps decrease the loss as predicted: ε must fall at every step.
+  """Small steps decrease the loss as predicted: ε must fall, step after step.
 
   T has rank 2 here (linear samples of width 2), so the direction's
-  components outside it rest on rounding: the batching of the VJPs is
-  pinned, so that the ratios this test relies on do not move with it.
+  components outside it rest on rounding, and a step's ratio can land just
+  inside [0.25, 0.75] (no change): ε must never rise and must fall at 9 of
+  the 11 steps at least (each fall is a factor 0.85).
   """
-  epsilons, losses = epsilons_along_training(
-      kwng_jax.kwng(0.005, jacobian_batching='vmap'), 12)
-  assert np.all(np.diff(losses) < 0)
-  np.testing.assert_allclose(epsilons[-1], 1e-5 * 0.85**11, rtol=1e-4)
+  for batching in ('loop', 'vmap'):
+    epsilons, losses = epsilons_along_training(
+        kwng_jax.kwng(0.005, jacobian_batching=batching), 12)
+    assert np.all(np.diff(losses) < 0)
+    assert np.all(np.diff(epsilons) <= 0), epsilons
+    assert epsilons[-1] <= 1e-5 * 0.85**9 * (1 + 1e-4), epsilons
 
 
 def test_per_step_rule_compares_with_the_first_order_prediction(mlp_problem):

@@ -18,6 +18,21 @@ def test_select_basis_draws_distinct_indices_and_valid_coords():
   assert not np.array_equal(np.asarray(indices), np.asarray(other))
 
 
+def test_select_basis_draws_every_index_and_coordinate_equally_often():
+  # 2000 draws of 3 of 6 indices: each index is expected 1000 times
+  # (standard deviation about 22), and no index may repeat within a draw.
+  keys = jax.random.split(jax.random.key(0), 2000)
+  indices = jax.vmap(lambda k: factors.select_basis(6, 2, 3, key=k)[0])(keys)
+  indices = np.asarray(indices)
+  assert all(len(set(row)) == 3 for row in indices.tolist())
+  counts = np.bincount(indices.ravel(), minlength=6)
+  assert np.all(np.abs(counts - 1000) < 120), counts
+  # The coordinates: 6000 draws in [0, 3), 2000 expected each (sd about 37).
+  coords = jax.vmap(lambda k: factors.select_basis(6, 3, 3, key=k)[1])(keys)
+  counts = np.bincount(np.asarray(coords).ravel(), minlength=3)
+  assert counts.shape == (3,) and np.all(np.abs(counts - 2000) < 200), counts
+
+
 def test_select_basis_rejects_more_basis_points_than_samples():
   with pytest.raises(ValueError, match=r'num_basis=9.*N=8'):
     factors.select_basis(8, 2, 9, key=jax.random.key(0))

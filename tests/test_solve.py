@@ -120,3 +120,14 @@ def test_stored_preconditioner_holds_the_unseen_curvature():
 def test_unknown_damping_is_named():
   with pytest.raises(ValueError, match="'safe'"):
     solve.check_damping('floored')
+
+
+def test_damped_gram_equals_float64_product():
+  key_t, key_d = jax.random.split(jax.random.key(0))
+  whitened = {'w': jax.random.normal(key_t, (5, 300, 7)), 'b': jax.random.normal(key_d, (5, 7))}
+  damping = {'w': jax.random.uniform(key_d, (300, 7)), 'b': jax.random.uniform(key_t, (7,))}
+  gram = jax.jit(solve.damped_gram)(whitened, damping)
+  expected = sum((np.asarray(whitened[n], np.float64).reshape(5, -1)
+                  * np.asarray(damping[n], np.float64).reshape(-1))
+                 @ np.asarray(whitened[n], np.float64).reshape(5, -1).T for n in ('w', 'b'))
+  np.testing.assert_allclose(np.asarray(gram), expected, rtol=1e-5, atol=1e-4)

@@ -12,6 +12,7 @@ from kwng_jax._src import adaptive_epsilon
 from kwng_jax._src import clipping
 from kwng_jax._src import displacement
 from kwng_jax._src import options
+from kwng_jax._src import stacking
 from kwng_jax._src import transform
 
 
@@ -119,9 +120,9 @@ def kwng(
       displacement.scale_by_displacement(1.0, mode='cap'),
       optax.scale_by_learning_rate(learning_rate),
   )
-  if not adaptive:
-    return chain
-  return adaptive_epsilon.adaptive_damping(chain, window=1, ratio_scale=1.0)
+  if adaptive:
+    chain = adaptive_epsilon.adaptive_damping(chain, window=1, ratio_scale=1.0)
+  return _stackable_like(chain, direction)
 
 
 def published_kwng(
@@ -209,7 +210,24 @@ def published_kwng(
     steps.append(clipping.clip_by_global_norm(max_norm))
   steps.append(optax.scale_by_learning_rate(learning_rate))
   chain = optax.chain(*steps)
-  return adaptive_epsilon.adaptive_damping(chain) if adaptive else chain
+  if adaptive:
+    chain = adaptive_epsilon.adaptive_damping(chain)
+  return _stackable_like(chain, direction)
+
+
+def _stackable_like(
+    chain: optax.GradientTransformationExtraArgs,
+    direction: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+  """Lets :func:`kwng_jax.value_grad_and_update` stack ``chain``'s KWNG step.
+
+  Sound because ``direction`` comes first in ``chain``: nothing before it
+  changes the gradient.
+  """
+  found = stacking.stacking_of(direction)
+  if found is not None:
+    stacking.register(chain, found)
+  return chain
 
 
 def _scale_by_kwng(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:

@@ -159,6 +159,51 @@ def from_vjp(
   the first ``num_rows`` = n samples (the basis and the bandwidth from all of
   ``samples``).
   """
+  preconditioner, _ = _from_vjp(
+      samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
+      basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
+      loss_cotangent=None,
+  )
+  return preconditioner
+
+
+def from_vjp_with_pullback(
+    samples: jax.Array,
+    vjp_fn: VJPFn,
+    opts: options_lib.EstimatorOptions,
+    loss_cotangent: jax.Array,
+    *,
+    key: jax.Array,
+) -> tuple[Preconditioner, PyTree]:
+  r"""The preconditioner, and :math:`J^\top` ``loss_cotangent``, in one backward pass.
+
+  The loss cotangent (the gradient of the loss in the samples) is stacked
+  with the M kernel cotangents of T, so that the gradient that reaches the
+  params through the samples costs no backward pass of its own. The whole
+  batch only: ``vjp_fn`` is that of all the samples, in their dtype.
+  """
+  samples = outputs_lib.as_samples(samples)
+  jacobian_like = jax.ShapeDtypeStruct(samples.shape, samples.dtype)
+  return _from_vjp(
+      samples, vjp_fn, opts, key=key, basis_indices=None, basis_coords=None,
+      jacobian_like=jacobian_like, num_rows=samples.shape[0],
+      loss_cotangent=loss_cotangent,
+  )
+
+
+def _from_vjp(
+    samples: jax.Array,
+    vjp_fn: VJPFn,
+    opts: options_lib.EstimatorOptions,
+    *,
+    key: jax.Array | None,
+    basis_indices: jax.Array | None,
+    basis_coords: jax.Array | None,
+    jacobian_like: jax.ShapeDtypeStruct,
+    num_rows: int,
+    loss_cotangent: jax.Array | None,
+) -> tuple[Preconditioner, PyTree | None]:
+  """:func:`from_vjp`, and the pullback of ``loss_cotangent`` when given."""
   _warn_if_independent_of_params(vjp_fn, jacobian_like)
   points_matrix = factors.as_sample_matrix(samples)
   num_samples, dim = points_matrix.shape
@@ -206,15 +251,20 @@ def from_vjp(
   if not (isinstance(opts.ridge, (int, float)) and opts.ridge == 0):
     rkhs = factors.basis_rkhs_gram(kernel_fn, basis, basis_coords, sigma)
     gram = gram + jnp.asarray(opts.ridge).astype(kernel_dtype) * rkhs
-  jacobian = factors.jacobian_factor(
-      vjp_fn, cross, jacobian_like.shape, jacobian_like.dtype,
-      options_lib.resolved_batching(opts.jacobian_batching),
-  )
+  cotangents = factors.kernel_cotangents(cross, jacobian_like.shape, jacobian_like.dtype)
+  if loss_cotangent is not None:
+    cotangents = jnp.concatenate(
+        [jnp.asarray(loss_cotangent).astype(cotangents.dtype)[None], cotangents])
+  jacobian = factors.pullbacks(
+      vjp_fn, cotangents, options_lib.resolved_batching(opts.jacobian_batching))
+  loss_pullback = None
+  if loss_cotangent is not None:
+    loss_pullback = jax.tree.map(lambda t: t[0], jacobian)
+    jacobian = jax.tree.map(lambda t: t[1:], jacobian)
   if jacobian_like.dtype != samples.dtype:
     # Back to the samples' dtype: everything after the VJP (whitening,
     # damping, the M×M solve) runs in the precision of the default path.
     jacobian = jax.tree.map(lambda t: t.astype(samples.dtype), jacobian)
-  depends_on_params = _tree_any_nonzero(jacobian)
   with jax.default_matmul_precision(FULL_PRECISION):
     whitened, rank = solve.whitened_jacobian(jacobian, gram, opts.rcond)
     if opts.damping == 'safe':
@@ -225,7 +275,10 @@ def from_vjp(
     damped_gram = sharding.in_auto_mode(
         solve.damped_gram, out_sharding=PartitionSpec()
     )(whitened, damping_diag)
-  return Preconditioner(
+  # D > 0, so T̃ D T̃ᵀ has a positive diagonal entry exactly when T̃ is
+  # nonzero: no extra pass over the M×P factor.
+  depends_on_params = jnp.any(jnp.diagonal(damped_gram) > 0)
+  preconditioner = Preconditioner(
       whitened=whitened,
       damping=damping_diag,
       gram=damped_gram,
@@ -236,6 +289,7 @@ def from_vjp(
       valid_hyperparameters=valid_basis & opts.traced_valid(),
       unseen=unseen,
   )
+  return preconditioner, loss_pullback
 
 
 def _warn_if_independent_of_params(
@@ -257,8 +311,3 @@ def _warn_if_independent_of_params(
         RuntimeWarning,
         stacklevel=4,
     )
-
-
-def _tree_any_nonzero(tree: PyTree) -> jax.Array:
-  leaves = [jnp.any(x != 0) for x in jax.tree.leaves(tree)]
-  return jnp.any(jnp.stack(leaves))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import warnings
 from typing import Any
 
 import jax
@@ -232,3 +233,49 @@ def depends_on_input(closed_jaxpr: Any) -> bool:
     if any(is_var(v) and v in dependent for v in eqn.invars):
       dependent.update(eqn.outvars)
   return any(is_var(v) and v in dependent for v in jaxpr.outvars)
+
+
+def backward_pass(outputs_fn):
+  """``params -> VJP of outputs_fn at params``: what a rebuild runs."""
+
+  def backward(params):
+    outputs, vjp_fn = jax.vjp(outputs_fn, params)
+    return vjp_fn(outputs)
+
+  return backward
+
+
+def warn_if_convolutions_on_cpu(backward, example) -> None:
+  """Warns, at trace time, of XLA:CPU's slow convolutions inside ``lax.cond``.
+
+  The rebuild of ``update_every`` runs under ``lax.cond``; XLA:CPU gives the
+  convolutions of a conditional branch a generic loop (jax-ml/jax#12868),
+  which made the digits CNN's rebuild ~10x slower than outside the branch.
+  ``backward`` is the backward pass the rebuild runs (a VJP function, or
+  :func:`backward_pass` of ``outputs_fn``); it is traced once more, on its
+  ``example`` argument, for this check, on CPU only.
+  """
+  if jax.default_backend() != 'cpu':
+    return
+  if has_convolution(jax.make_jaxpr(backward)(example).jaxpr):
+    warnings.warn(
+        'scale_by_kwng(update_every > 1) on CPU with a convolutional model: '
+        'XLA:CPU runs convolutions inside lax.cond (the rebuild) much slower '
+        'than outside it (jax-ml/jax#12868), so this is likely slower than '
+        'update_every=1. On CPU, use update_every with dense models.',
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def has_convolution(jaxpr) -> bool:
+  """Whether a jaxpr, or any jaxpr nested in it, holds a convolution."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds a Jaxpr
+        if hasattr(sub, 'eqns') and has_convolution(sub):
+          return True
+  return False

@@ -26,10 +26,10 @@ class KWNGInfo(NamedTuple):
       then uses g instead.
     finite_inputs: False when the gradient or the samples hold NaN or Inf;
       the update of :func:`kwng_jax.scale_by_kwng` is then zero.
-    depends_on_params: False when the samples do not depend on the params
-      (T is zero): the direction is then the damped gradient, and
-      ``outputs_fn`` is likely wrong (it closes over the model instead of
-      using its argument).
+    depends_on_params: False when the whitened factor :math:`\\tilde T` is
+      zero, as when the samples do not depend on the params: the direction
+      is then the damped gradient, and ``outputs_fn`` is likely wrong (it
+      closes over the model instead of using its argument).
     valid_hyperparameters: False when a hyperparameter given as a traced
       value (:math:`\\epsilon`, ridge, bandwidth, rcond, a pinned basis;
       e.g. through ``optax.inject_hyperparams``) was out of range; the
@@ -68,8 +68,9 @@ class Preconditioner(NamedTuple):
     bandwidth: the kernel bandwidth used.
     effective_rank: the number of kept eigenvalues of the Gram matrix.
     finite_samples: whether the samples were all finite.
-    depends_on_params: whether T is nonzero, i.e. the samples depend on the
-      params (False: every step is the damped gradient).
+    depends_on_params: whether :math:`\tilde T` is nonzero, i.e. the
+      samples depend on the params (False: every step is the damped
+      gradient).
     valid_hyperparameters: whether the options given as traced values
       (ridge, bandwidth, rcond, a pinned basis) were in range.
     unseen: with ``damping='safe'``, the curvature given to the parameters

@@ -9,7 +9,6 @@ clipping, a learning rate, momentum or Adam like any Optax transformation.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +21,7 @@ from kwng_jax import kernels as kernels_lib
 from kwng_jax._src import options
 from kwng_jax._src import outputs as outputs_lib
 from kwng_jax._src import sharding
+from kwng_jax._src import stacking
 from kwng_jax._src.preconditioner import KWNGInfo
 from kwng_jax._src.preconditioner import Preconditioner
 
@@ -217,63 +217,34 @@ def scale_by_kwng(
       jacobian_outputs_fn=None,
       full_params=None,
       samples_and_vjp=None,
+      preconditioner=None,
       **extra_args,
   ):
     del extra_args
-    if outputs_fn is None and samples_and_vjp is None:
-      raise ValueError(
-          'scale_by_kwng needs the keyword outputs_fn: '
-          'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)), '
-          'a function params -> samples of shape (N, ...) (or samples_and_vjp='
-          'jax.vjp(outputs_fn, params), a forward pass already run). '
-          + MISSING_EXTRA_ARGS_HINT
-      )
-    outputs_lib.check_params(params)
-    if samples_and_vjp is not None:
-      if jacobian_samples is not None or jacobian_dtype is not None:
-        raise ValueError(
-            'jacobian_samples and jacobian_dtype run their own VJPs: pass '
-            'outputs_fn (and jacobian_outputs_fn), not samples_and_vjp, whose '
-            'VJP is that of the whole batch in the params\' dtype.'
-        )
-      samples, vjp_fn = outputs_lib.check_samples_and_vjp(
-          samples_and_vjp, params, 'scale_by_kwng'
+    if preconditioner is None:
+      build, warn_if_convolutions = _builder(
+          opts, basis_key(seed, state.kwng_count), params, outputs_fn=outputs_fn,
+          jacobian_outputs_fn=jacobian_outputs_fn, full_params=full_params,
+          samples_and_vjp=samples_and_vjp,
       )
     else:
-      outputs_fn = outputs_lib.unmasked_outputs_fn(
-          outputs_fn, params, full_params, 'scale_by_kwng'
-      )
-      if jacobian_outputs_fn is not None:
-        jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
-            jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
+      outputs_lib.check_params(params)
+      if not isinstance(preconditioner, Preconditioner) or update_every > 1:
+        raise ValueError(
+            'preconditioner= takes the kwng_jax.Preconditioner of this step, as '
+            'kwng_jax.value_grad_and_update builds it, and only without '
+            f'update_every (here {update_every}); got {type(preconditioner)}.'
         )
     # A changed setting (inject_hyperparams) overrides the current epsilon.
     setting = jnp.asarray(epsilon, jnp.float32)
     current_epsilon = jnp.where(
         setting != state.kwng_epsilon_setting, setting, state.kwng_epsilon
     )
-
-    def build():
-      # The key is derived inside, so that steps reusing stored factors skip
-      # the hash too.
-      key = jax.random.fold_in(jax.random.key(seed), state.kwng_count)
-      if samples_and_vjp is not None:
-        return from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key)
-      return estimator.build(
-          outputs_fn, params, opts, key=key,
-          jacobian_outputs_fn=jacobian_outputs_fn,
-      )
-
     stored = state.kwng_preconditioner
-    if stored is None:
+    if preconditioner is None and stored is None:
       preconditioner = build()
-    else:
-      if samples_and_vjp is not None:
-        _warn_if_convolutions_on_cpu(vjp_fn, samples)
-      else:
-        _warn_if_convolutions_on_cpu(
-            _backward_pass(jacobian_outputs_fn or outputs_fn), params
-        )
+    elif preconditioner is None:
+      warn_if_convolutions()
       stored = _pin_shardings(stored, params)
       # A placeholder, or factors built from non-finite samples, are rebuilt.
       rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
@@ -295,7 +266,58 @@ def scale_by_kwng(
     )
     return direction, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  transformation = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  if update_every == 1 and jacobian_samples is None and jacobian_dtype is None:
+    stacking.register(transformation, stacking.Stacking(opts, seed))
+  return transformation
+
+
+def basis_key(seed: int | jax.Array, count: jax.Array) -> jax.Array:
+  """The PRNG key of the basis drawn at step ``count``."""
+  return jax.random.fold_in(jax.random.key(seed), count)
+
+
+def _builder(opts, key, params, *, outputs_fn, jacobian_outputs_fn, full_params,
+             samples_and_vjp):
+  """Checks the forward pass of an update; returns how to build from it.
+
+  Returns ``(build, warn_if_convolutions)``: ``build()`` gives the
+  preconditioner, ``warn_if_convolutions()`` warns if its backward pass,
+  run inside ``lax.cond``, would be slow (``outputs.warn_if_convolutions_on_cpu``).
+  """
+  if outputs_fn is None and samples_and_vjp is None:
+    raise ValueError(
+        'scale_by_kwng needs the keyword outputs_fn: '
+        'opt.update(grads, state, params, outputs_fn=lambda p: model(p, x)), '
+        'a function params -> samples of shape (N, ...) (or samples_and_vjp='
+        'jax.vjp(outputs_fn, params), a forward pass already run). '
+        + MISSING_EXTRA_ARGS_HINT
+    )
+  outputs_lib.check_params(params)
+  own_vjps = opts.jacobian_samples is not None or opts.jacobian_dtype is not None
+  if samples_and_vjp is not None and not (own_vjps and outputs_fn is not None):
+    if own_vjps:
+      raise ValueError(
+          'jacobian_samples and jacobian_dtype run their own VJPs: pass '
+          'outputs_fn (and jacobian_outputs_fn), not samples_and_vjp, whose '
+          'VJP is that of the whole batch in the params\' dtype.'
+      )
+    samples, vjp_fn = outputs_lib.check_samples_and_vjp(
+        samples_and_vjp, params, 'scale_by_kwng'
+    )
+    return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key),
+            lambda: outputs_lib.warn_if_convolutions_on_cpu(vjp_fn, samples))
+  outputs_fn = outputs_lib.unmasked_outputs_fn(
+      outputs_fn, params, full_params, 'scale_by_kwng'
+  )
+  if jacobian_outputs_fn is not None:
+    jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
+        jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
+    )
+  return (lambda: estimator.build(outputs_fn, params, opts, key=key,
+                                  jacobian_outputs_fn=jacobian_outputs_fn),
+          lambda: outputs_lib.warn_if_convolutions_on_cpu(
+              outputs_lib.backward_pass(jacobian_outputs_fn or outputs_fn), params))
 
 
 #: How to pass the extra arguments when a training loop's helper drops them.
@@ -305,52 +327,6 @@ MISSING_EXTRA_ARGS_HINT = (
     'tx.update(grads, state.opt_state, state.params, outputs_fn=outputs_fn, '
     'value=loss) yourself.'
 )
-
-
-def _backward_pass(outputs_fn):
-  """``params -> VJP of outputs_fn at params``: what a rebuild runs."""
-
-  def backward(params):
-    outputs, vjp_fn = jax.vjp(outputs_fn, params)
-    return vjp_fn(outputs)
-
-  return backward
-
-
-def _warn_if_convolutions_on_cpu(backward, example) -> None:
-  """Warns, at trace time, of XLA:CPU's slow convolutions inside ``lax.cond``.
-
-  The rebuild of ``update_every`` runs under ``lax.cond``; XLA:CPU gives the
-  convolutions of a conditional branch a generic loop (jax-ml/jax#12868),
-  which made the digits CNN's rebuild ~10x slower than outside the branch.
-  ``backward`` is the backward pass the rebuild runs (a VJP function, or
-  :func:`_backward_pass` of ``outputs_fn``); it is traced once more, on its
-  ``example`` argument, for this check, on CPU only.
-  """
-  if jax.default_backend() != 'cpu':
-    return
-  if _has_convolution(jax.make_jaxpr(backward)(example).jaxpr):
-    warnings.warn(
-        'scale_by_kwng(update_every > 1) on CPU with a convolutional model: '
-        'XLA:CPU runs convolutions inside lax.cond (the rebuild) much slower '
-        'than outside it (jax-ml/jax#12868), so this is likely slower than '
-        'update_every=1. On CPU, use update_every with dense models.',
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _has_convolution(jaxpr) -> bool:
-  """Whether a jaxpr, or any jaxpr nested in it, holds a convolution."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'conv_general_dilated':
-      return True
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds a Jaxpr
-        if hasattr(sub, 'eqns') and _has_convolution(sub):
-          return True
-  return False
 
 
 def _cast_like(
