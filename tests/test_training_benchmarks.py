@@ -214,15 +214,19 @@ def test_speed_quick_writes_complete_json(bench, tmp_path):
   assert all(f'| {name} |' in markdown for name in entries)
 
 
+def _digits_mlp(speed):
+  """The speed benchmark's digits MLP, split for a step, and 64 digits."""
+  from flax import nnx
+  graphdef, params, rest = nnx.split(speed.build_model('mlp'), nnx.Param, ...)
+  images, labels, _ = speed.batch('mlp', 64)
+  return graphdef, nnx.as_pure(params), nnx.as_pure(rest), images, labels
+
+
 @pytest.mark.usefixtures('standard_promotion', 'fast_compile')
 def test_speed_floor_step_is_the_sgd_step(bench):
   """The floor runs M VJPs and a JVP but moves the params as SGD does."""
   speed = bench('speed')
-  from flax import nnx
-  model = speed.build_model('mlp')
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-  images, labels, _ = speed.batch('mlp', 64)
+  graphdef, params, rest, images, labels = _digits_mlp(speed)
   sgd, floor = optax.sgd(0.1), speed.Floor(5, with_jvp=True)
   sgd_state = (params, rest, sgd.init(params))
   floor_state = (params, rest, floor.init(params))
@@ -253,11 +257,7 @@ def test_speed_variant_options_are_checked(bench):
 def test_speed_step_with_a_sub_batch_runs_its_vjps_on_it(bench):
   """The jacobian_samples rows pass the model on the first n images."""
   speed = bench('speed')
-  from flax import nnx
-  model = speed.build_model('mlp')
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-  images, labels, _ = speed.batch('mlp', 64)
+  graphdef, params, rest, images, labels = _digits_mlp(speed)
   tx = kwng_jax.kwng(num_basis=4, **speed.parse_variant('jacobian_samples=16'))
   step = jax.jit(speed.make_step(graphdef, tx, fused=True, jacobian_rows=16))
   # Without jacobian_outputs_fn the VJPs run on the whole batch, with the same

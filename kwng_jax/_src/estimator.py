@@ -137,7 +137,7 @@ def build(
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
-  )
+  )[0]
 
 
 def apply_preconditioner(

@@ -138,33 +138,7 @@ def from_vjp_of_options(
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
-  )
-
-
-def from_vjp(
-    samples: jax.Array,
-    vjp_fn: VJPFn,
-    opts: options_lib.EstimatorOptions,
-    *,
-    key: jax.Array | None,
-    basis_indices: jax.Array | None,
-    basis_coords: jax.Array | None,
-    jacobian_like: jax.ShapeDtypeStruct,
-    num_rows: int,
-) -> Preconditioner:
-  """The preconditioner from checked samples and the VJP of their first rows.
-
-  ``jacobian_like`` is the shape and dtype of the outputs ``vjp_fn``
-  differentiates (n rows, or the whole batch); W, Q and T are computed from
-  the first ``num_rows`` = n samples (the basis and the bandwidth from all of
-  ``samples``).
-  """
-  preconditioner, _ = _from_vjp(
-      samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
-      basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
-      loss_cotangent=None,
-  )
-  return preconditioner
+  )[0]
 
 
 def from_vjp_with_pullback(
@@ -184,14 +158,14 @@ def from_vjp_with_pullback(
   """
   samples = outputs_lib.as_samples(samples)
   jacobian_like = jax.ShapeDtypeStruct(samples.shape, samples.dtype)
-  return _from_vjp(
+  return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=None, basis_coords=None,
       jacobian_like=jacobian_like, num_rows=samples.shape[0],
       loss_cotangent=loss_cotangent,
   )
 
 
-def _from_vjp(
+def from_vjp(
     samples: jax.Array,
     vjp_fn: VJPFn,
     opts: options_lib.EstimatorOptions,
@@ -201,9 +175,16 @@ def _from_vjp(
     basis_coords: jax.Array | None,
     jacobian_like: jax.ShapeDtypeStruct,
     num_rows: int,
-    loss_cotangent: jax.Array | None,
+    loss_cotangent: jax.Array | None = None,
 ) -> tuple[Preconditioner, PyTree | None]:
-  """:func:`from_vjp`, and the pullback of ``loss_cotangent`` when given."""
+  """The preconditioner from checked samples and the VJP of their first rows.
+
+  ``jacobian_like`` is the shape and dtype of the outputs ``vjp_fn``
+  differentiates (n rows, or the whole batch); W, Q and T are computed from
+  the first ``num_rows`` = n samples (the basis and the bandwidth from all of
+  ``samples``). With ``loss_cotangent`` (whole batch only), its pullback
+  comes second, from the same batched VJP; else None.
+  """
   _warn_if_independent_of_params(vjp_fn, jacobian_like)
   points_matrix = factors.as_sample_matrix(samples)
   num_samples, dim = points_matrix.shape

@@ -54,7 +54,7 @@ def stacking_of(transformation: optax.GradientTransformation) -> Stacking | None
 
 def value_grad_and_update(
     loss_fn: Callable[..., Any],
-    outputs_fn: Callable[[PyTree], jax.Array],
+    outputs_fn: Callable[[PyTree], Any],
     tx: optax.GradientTransformation,
     params: PyTree,
     opt_state: optax.OptState,
