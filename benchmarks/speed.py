@@ -390,38 +390,33 @@ def targets(record: dict[str, Any], platform: str) -> list[dict[str, Any]]:
 
 
 def plot(payload: dict[str, Any], path: pathlib.Path) -> None:
-  """A bar chart per model: median (bars) and mean (diamonds) step time per optimizer."""
+  """One panel per model: each row's median step over SGD's (log scale)."""
   plt = common.pyplot()
   records = payload['models']
-  fig, axes = plt.subplots(1, len(records), figsize=(6 * len(records), 4), squeeze=False)
+  height = max(len(r['optimizers']) for r in records) * 0.32 + 1.2
+  fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), height),
+                           squeeze=False)
   for ax, record in zip(axes[0], records):
-    names = [n for n, e in record['optimizers'].items() if 'median_step_ms' in e]
-    medians = [record['optimizers'][n]['median_step_ms'] for n in names]
-    errors = np.array([[record['optimizers'][n]['median_step_ms']
-                        - record['optimizers'][n]['p10_step_ms'] for n in names],
-                       [record['optimizers'][n]['p90_step_ms']
-                        - record['optimizers'][n]['median_step_ms'] for n in names]])
+    entries = {n: e for n, e in record['optimizers'].items() if 'median_step_ms' in e}
+    names = list(entries)[::-1]
+    ratios = [entries[n]['ratio_to_sgd'] for n in names]
     colors = ['tab:gray' if n.startswith('floor') else 'tab:orange' if n.startswith('published')
               else 'tab:blue' if n.startswith('KWNG') else 'tab:green' for n in names]
-    ax.bar(range(len(names)), medians, yerr=errors, color=colors, alpha=0.7, capsize=3,
-           label='median step (gray: floors, orange: published, blue: recommended)')
-    # The mean holds the rebuild steps of update_every, which the median hides.
-    ax.scatter(range(len(names)), [record['optimizers'][n]['mean_step_ms'] for n in names],
-               marker='D', color='tab:red', zorder=3, label='mean step (per round)')
-    for i, n in enumerate(names):
-      entry = record['optimizers'][n]
-      ax.text(i, max(entry['p90_step_ms'], entry['mean_step_ms']),
-              f"{entry['ratio_to_sgd']:.1f}x SGD\n(mean {entry['mean_ratio_to_sgd']:.1f}x)",
-              ha='center', va='bottom', fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
-    top = max(max(e['p90_step_ms'], e['mean_step_ms'])
-              for e in (record['optimizers'][n] for n in names))
-    ax.set_ylim(0, 1.3 * top)  # room for the labels
-    ax.legend(fontsize=8, loc='upper left')
-    ax.set(ylabel='step time (ms)',
-           title=f"{record['model']}, batch {record['batch_size']} (bars: 10th-90th percentile)")
+    ax.barh(range(len(names)), ratios, color=colors, alpha=0.8)
+    for y, (name, ratio) in enumerate(zip(names, ratios)):
+      ax.text(ratio * 1.05, y, f"{ratio:.1f}x ({entries[name]['median_step_ms']:.2f} ms)",
+              va='center', fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xscale('log')
+    ax.set_xlim(0.8, 12 * max(ratios))
+    ax.axvline(1.0, color='k', lw=0.5)
+    ax.set(xlabel="median step / SGD's",
+           title=f"{record['model']}, batch {record['batch_size']}, "
+                 f"P = {record['num_params']:,}")
   device = payload['device']
-  fig.suptitle(f"{device['device_kind']} ({device['platform']}), jax {device['jax_version']}")
+  fig.suptitle(f"{device['device_kind']} ({device['platform']}, {device['host_cpu_count']} "
+               f"host cores), jax {device['jax_version']}; gray: floors, orange: published "
+               "chain, blue: recommended chain")
   fig.tight_layout()
   common.save_png(fig, path, dpi=90)
   plt.close(fig)
