@@ -201,8 +201,9 @@ def test_speed_quick_writes_complete_json(bench, tmp_path):
   assert targets['KWNG M=5 step / SGD step']['limit'] == 3.0
   assert targets['KWNG M=5 step / SGD step']['value'] == entries['KWNG M=5']['ratio_to_sgd']
   floor = targets['published M=20 step / its floor']
-  assert floor['value'] == pytest.approx(
-      entries['published M=20']['median_step_ms'] / entries['floor M=20']['median_step_ms'])
+  assert floor['value'] == pytest.approx(  # the JSON keeps 6 significant digits
+      entries['published M=20']['median_step_ms'] / entries['floor M=20']['median_step_ms'],
+      rel=1e-4)
   assert floor['met'] == (floor['value'] <= 1.2)
   assert 'KWNG M=5 + JVP' not in str(targets) and 'KWNG M=5 step / its floor' in targets
   assert targets['KWNG M=20 compile / SGD compile']['limit'] == 3.0
