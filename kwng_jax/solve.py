@@ -172,8 +172,8 @@ def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
   """
   squared_norms = jax.tree.map(lambda t: sum_over_basis(jnp.square(t)), whitened)
   seen = jax.tree.map(lambda q: q > 0, squared_norms)
-  total = functools.reduce(jnp.add, [jnp.sum(jnp.where(m, q, 0.0)) for q, m in
-                                      zip(jax.tree.leaves(squared_norms), jax.tree.leaves(seen))])
+  # Unseen columns have q = 0: the sum over all columns is that over the seen.
+  total = functools.reduce(jnp.add, [jnp.sum(q) for q in jax.tree.leaves(squared_norms)])
   count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
