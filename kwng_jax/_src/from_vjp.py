@@ -40,6 +40,11 @@ VJPFn = Callable[[jax.Array], tuple[PyTree]]
 FULL_PRECISION = 'highest'
 
 
+def basis_key(seed: int | jax.Array, count: jax.Array) -> jax.Array:
+  """The PRNG key of the basis that a transformation draws at step ``count``."""
+  return jax.random.fold_in(jax.random.key(seed), count)
+
+
 def preconditioner_from_vjp(
     samples: jax.Array,
     vjp_fn: VJPFn,

@@ -24,6 +24,7 @@ import jax
 import optax
 import optax.tree_utils as otu
 
+from kwng_jax._src import from_vjp
 from kwng_jax._src import options as options_lib
 
 PyTree = Any
@@ -116,10 +117,6 @@ def value_grad_and_update(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
-  # Imported here: transform imports this module to register itself.
-  from kwng_jax._src import from_vjp
-  from kwng_jax._src import transform
-
   if has_aux:
     samples, vjp_fn, aux = jax.vjp(outputs_fn, params, has_aux=True)
   else:
@@ -133,7 +130,7 @@ def value_grad_and_update(
     count = otu.tree_get(opt_state, 'kwng_count')
     preconditioner, through_samples = from_vjp.from_vjp_with_pullback(
         samples, vjp_fn, stacking.options, loss_cotangent,
-        key=transform.basis_key(stacking.seed, count))
+        key=from_vjp.basis_key(stacking.seed, count))
     extra['preconditioner'] = preconditioner
   grads = jax.tree.map(lambda a, b: a + b, through_samples, direct)
   updates, opt_state = optax.with_extra_args_support(tx).update(

@@ -223,7 +223,8 @@ def scale_by_kwng(
     del extra_args
     if preconditioner is None:
       build, warn_if_convolutions = _builder(
-          opts, basis_key(seed, state.kwng_count), params, outputs_fn=outputs_fn,
+          opts, lambda: from_vjp.basis_key(seed, state.kwng_count), params,
+          outputs_fn=outputs_fn,
           jacobian_outputs_fn=jacobian_outputs_fn, full_params=full_params,
           samples_and_vjp=samples_and_vjp,
       )
@@ -272,14 +273,12 @@ def scale_by_kwng(
   return transformation
 
 
-def basis_key(seed: int | jax.Array, count: jax.Array) -> jax.Array:
-  """The PRNG key of the basis drawn at step ``count``."""
-  return jax.random.fold_in(jax.random.key(seed), count)
-
-
-def _builder(opts, key, params, *, outputs_fn, jacobian_outputs_fn, full_params,
+def _builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_params,
              samples_and_vjp):
   """Checks the forward pass of an update; returns how to build from it.
+
+  ``key_fn()`` gives the basis key inside the build, so that steps reusing
+  stored factors skip its hash too.
 
   Returns ``(build, warn_if_convolutions)``: ``build()`` gives the
   preconditioner, ``warn_if_convolutions()`` warns if its backward pass,
@@ -305,7 +304,7 @@ def _builder(opts, key, params, *, outputs_fn, jacobian_outputs_fn, full_params,
     samples, vjp_fn = outputs_lib.check_samples_and_vjp(
         samples_and_vjp, params, 'scale_by_kwng'
     )
-    return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key),
+    return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key_fn()),
             lambda: outputs_lib.warn_if_convolutions_on_cpu(vjp_fn, samples))
   outputs_fn = outputs_lib.unmasked_outputs_fn(
       outputs_fn, params, full_params, 'scale_by_kwng'
@@ -314,7 +313,7 @@ def _builder(opts, key, params, *, outputs_fn, jacobian_outputs_fn, full_params,
     jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
         jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
     )
-  return (lambda: estimator.build(outputs_fn, params, opts, key=key,
+  return (lambda: estimator.build(outputs_fn, params, opts, key=key_fn(),
                                   jacobian_outputs_fn=jacobian_outputs_fn),
           lambda: outputs_lib.warn_if_convolutions_on_cpu(
               outputs_lib.backward_pass(jacobian_outputs_fn or outputs_fn), params))
