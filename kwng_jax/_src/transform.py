@@ -91,11 +91,14 @@ def scale_by_kwng(
   ``state.kwng_info.finite_inputs`` is False, so parameters never turn NaN.
 
   Its ``update(updates, state, params, *, outputs_fn, value=None,
-  jacobian_outputs_fn=None, full_params=None, **extra_args)`` needs
-  ``params`` and the keyword ``outputs_fn``, a function ``params -> samples``
-  of shape ``(N, ...)`` (a classifier's logits for the batch) that computes
-  the samples from the params it is given; other extra arguments are
-  ignored.
+  jacobian_outputs_fn=None, full_params=None, samples_and_vjp=None,
+  preconditioner=None, **extra_args)`` needs ``params`` and the keyword
+  ``outputs_fn``, a function ``params -> samples`` of shape ``(N, ...)`` (a
+  classifier's logits for the batch) that computes the samples from the
+  params it is given; or ``samples_and_vjp=jax.vjp(outputs_fn, params)``, a
+  forward pass already run; or ``preconditioner``, the one
+  :func:`kwng_jax.value_grad_and_update` built for this step. Other extra
+  arguments are ignored.
 
   On a subset of the parameters. Inside ``optax.masked`` or
   ``optax.multi_transform`` the transformation sees only its leaves (the
