@@ -244,8 +244,9 @@ plt.show()
 # **The recommended optimizer**, `kwng_jax.kwng(learning_rate, num_basis=...)`,
 # is an Optax chain: `scale_by_kwng` (the estimate $\hat g$, with a fallback
 # to $g$ if $\hat g$ is not a descent direction) →
-# `scale_by_displacement` → the learning rate, with $\epsilon$ adapted from
-# the loss at every step. Its update needs `outputs_fn=` (fresh samples each
+# `scale_by_displacement` → a running average of the steps (momentum 0.9,
+# for the noise of minibatches) → the learning rate, with $\epsilon$ adapted
+# from the loss at every step. Its update needs `outputs_fn=` (fresh samples each
 # step) and `value=` (the loss, for the adaptation of $\epsilon$).
 # `scale_by_displacement` measures how far a step would move the samples,
 # the root mean square over the batch of $\|J_n u\|$ (one `jax.jvp` of
@@ -266,7 +267,9 @@ plt.show()
 # Four optimizers:
 #
 # * gradient descent, `optax.sgd`;
-# * KWNG, `kwng_jax.kwng(LEARNING_RATE, num_basis=NUM_BASIS)`;
+# * KWNG, `kwng_jax.kwng(LEARNING_RATE, num_basis=NUM_BASIS, momentum=None)`:
+#   without its momentum, so that each step follows the rule above and can
+#   be compared step by step with the exact natural gradient;
 # * the optimizer of the paper's experiments,
 #   `kwng_jax.published_kwng(LEARNING_RATE, num_basis=NUM_BASIS)`: the same
 #   estimate, but the direction is clipped to Euclidean norm 1 *in parameter
@@ -315,7 +318,7 @@ def make_step(optimizer):
 
 optimizers = {
     'gradient descent': optax.sgd(GD_LEARNING_RATE),
-    f'KWNG (M = {NUM_BASIS})': kwng_jax.kwng(LEARNING_RATE, num_basis=NUM_BASIS),
+    f'KWNG (M = {NUM_BASIS})': kwng_jax.kwng(LEARNING_RATE, num_basis=NUM_BASIS, momentum=None),
     f'published KWNG (M = {NUM_BASIS})': kwng_jax.published_kwng(
         LEARNING_RATE, num_basis=NUM_BASIS),
     'exact Wasserstein NG': optax.chain(

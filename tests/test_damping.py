@@ -114,8 +114,8 @@ def epsilons_along_training(opt, num_steps):
 
 
 def test_per_step_rule_grows_epsilon_when_steps_raise_the_loss():
-  """kwng()'s first steps move the samples by 1 (RMS) and overshoot: ε must rise."""
-  epsilons, losses = epsilons_along_training(kwng_jax.kwng(), 12)
+  """Steps that move the samples by 1 (RMS) overshoot: ε must rise."""
+  epsilons, losses = epsilons_along_training(kwng_jax.kwng(1.0, momentum=None), 12)
   assert losses[5] > losses[0]
   # From the second step on, every failed step divides ε by 0.85.
   assert epsilons[-1] > 1e-5 / 0.85**8, epsilons
@@ -152,3 +152,26 @@ def test_per_step_rule_compares_with_the_first_order_prediction(mlp_problem):
                      [5.0, fraction_of_predicted(0.5), fraction_of_predicted(0.2),
                       fraction_of_predicted(0.9)])
   np.testing.assert_allclose(epsilons, [1e-3, 1e-3, 1e-3 / 0.85, 1e-3], rtol=1e-5)
+
+
+def test_a_step_predicted_uphill_counts_as_failed(mlp_problem):
+  """Momentum can send u with ⟨g, u⟩ > 0: a rise of the loss then gives ρ > 0.
+
+  Counting that as success would shrink ε while the loss climbs; the rule
+  grows it instead, and still shrinks it after a downhill step that worked.
+  """
+  params, outputs_fn, loss_fn = mlp_problem
+  uphill = kwng_jax.adaptive_damping(
+      optax.chain(kwng_jax.scale_by_kwng(epsilon=1e-3), optax.scale(1e-3)),
+      window=1, ratio_scale=1.0)
+  epsilons, states = feed(uphill, params, outputs_fn, loss_fn, [5.0, 10.0])
+  assert float(states[0].damping_predicted_decrease) < 0
+  np.testing.assert_allclose(epsilons, [1e-3, 1e-3 / 0.85], rtol=1e-5)
+
+  downhill = kwng_jax.adaptive_damping(
+      optax.chain(kwng_jax.scale_by_kwng(epsilon=1e-3), optax.scale(-1e-3)),
+      window=1, ratio_scale=1.0)
+  epsilons, states = feed(downhill, params, outputs_fn, loss_fn,
+                          [5.0, lambda s: s.damping_previous_loss - s.damping_predicted_decrease])
+  assert float(states[0].damping_predicted_decrease) > 0
+  np.testing.assert_allclose(epsilons, [1e-3, 1e-3 * 0.85], rtol=1e-5)

@@ -47,12 +47,13 @@ def least_squares(dtype=jnp.float32):
 
 def test_recommended_optimizer_converges_on_least_squares():
   # The published chain does not (its 'reference' damping on a convex
-  # problem; see benchmarks/convex.py), so only kwng() is held to it.
+  # problem; see benchmarks/convex.py), so only kwng() is held to it. Its
+  # momentum starts from zero, so it gets there in about 170 steps.
   params, outputs_fn, loss_fn = least_squares()
   opt = kwng_jax.kwng()
   step = jax.jit(step_fn(opt, outputs_fn, loss_fn))
   state = opt.init(params)
-  for _ in range(150):
+  for _ in range(200):
     params, state = step(params, state)
   x = jax.random.normal(jax.random.key(0), (32, 3))
   best = loss_fn(jnp.linalg.lstsq(x, jnp.ones((32, 2)))[0])

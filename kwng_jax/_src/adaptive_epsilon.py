@@ -19,7 +19,9 @@ followed by momentum). The wrapper therefore sees the chain's final update
 :math:`u` and uses the predicted decrease :math:`-\langle g, u\rangle`, which
 is exactly :math:`\mathrm{lr}\,\langle g, \hat g\rangle` for the published
 chain (SGD after clipping) and the right first-order prediction for any
-other chain. No learning rate has to be passed twice.
+other chain. No learning rate has to be passed twice. With momentum after
+the direction, :math:`u` can point uphill (:math:`\langle g, u\rangle > 0`);
+such a step counts as failed, so :math:`\epsilon` grows.
 """
 
 from __future__ import annotations
@@ -163,8 +165,14 @@ def adaptive_damping(
         * (state.damping_previous_loss - loss)
         / state.damping_predicted_decrease
     )
-    # A zero predicted decrease or a non-finite loss tells nothing.
+    # A zero predicted decrease or a non-finite loss tells nothing. A step
+    # that the first-order model predicted to increase the loss failed,
+    # whatever the loss then did: only momentum (or another transformation
+    # after the direction) can send one, and counting a rise of the loss
+    # over a predicted rise as success would shrink epsilon while the loss
+    # diverges.
     observed = has_previous & jnp.isfinite(ratio)
+    ratio = jnp.where(state.damping_predicted_decrease < 0, -jnp.inf, ratio)
     best = jnp.where(
         observed, jnp.maximum(state.damping_best_ratio, ratio),
         state.damping_best_ratio,

@@ -11,6 +11,7 @@ from kwng_jax import kernels as kernels_lib
 from kwng_jax._src import adaptive_epsilon
 from kwng_jax._src import clipping
 from kwng_jax._src import displacement
+from kwng_jax._src import momentum as momentum_lib
 from kwng_jax._src import options
 from kwng_jax._src import stacking
 from kwng_jax._src import transform
@@ -21,6 +22,8 @@ def kwng(
     num_basis: int = 5,
     epsilon: float = 1e-5,
     *,
+    momentum: float | None = 0.9,
+    nesterov: bool = False,
     adaptive: bool = True,
     kernel: kernels_lib.KernelLike = 'gaussian',
     bandwidth: kernels_lib.BandwidthLike = 'mean_distance',
@@ -36,30 +39,51 @@ def kwng(
 ) -> optax.GradientTransformationExtraArgs:
   r"""The KWNG optimizer to reach for: steps measured where the samples move.
 
-  Each step computes the KWNG direction :math:`\hat g(\epsilon)` of
-  :func:`kwng_jax.scale_by_kwng` (with its fallback to g) and moves the
-  parameters by
+  Each step computes the KWNG direction :math:`\hat g_t(\epsilon)` of
+  :func:`kwng_jax.scale_by_kwng` (with its fallback to g), caps it where
+  the samples move, averages the capped steps with momentum :math:`\beta`
+  and moves the parameters by
 
-  .. math:: u = -\eta \, \min\big(1, 1 / \Delta(\hat g)\big) \, \hat g,
+  .. math::
+
+     s_t = \min\big(1, 1 / \Delta(\hat g_t)\big) \, \hat g_t, \qquad
+     m_t = (1 - \beta) \, s_t + \beta \, m_{t-1}, \qquad
+     u_t = -\eta \, m_t,
 
   with :math:`\eta` the learning rate and :math:`\Delta` the RMS
-  displacement of the samples ``outputs_fn(params)`` along the step
+  displacement of the samples ``outputs_fn(params)`` along a step
   (:func:`kwng_jax.scale_by_displacement`, one ``jax.jvp``). So **the
   learning rate is the largest distance, RMS over the batch and in the units
-  of the samples, that a step moves them** (for a classifier: the logits);
-  when the damped direction moves them less, the step is
-  :math:`\eta \hat g`. Measuring the step on the samples rather than in
-  parameter space keeps it invariant to how the model is parametrized, up
-  to the estimation error of KWNG; the published chain clips the direction
-  to a Euclidean norm instead, which an ill-conditioned parametrization
-  distorts.
+  of the samples, that a step moves them** (for a classifier: the logits):
+  each :math:`s_t` moves them by 1 at most, and :math:`m_t` is an average
+  of such steps (to first order; the first steps, from :math:`m_0 = 0`, are
+  shorter). With ``nesterov=True`` the update is
+  :math:`-\eta ((1 - \beta) s_t + \beta m_t)`; with ``momentum=None`` it
+  is :math:`-\eta s_t`. The momentum restarts (:math:`m_{t-1} \leftarrow 0`)
+  when the new gradient says that it goes uphill faster than the new step
+  goes down, :math:`\langle g_t, m_{t-1}\rangle < -0.3 \langle g_t, s_t
+  \rangle`, so that a deterministic problem does not overshoot its minimum
+  (O'Donoghue and Candès' adaptive restart, with a margin).
+
+  Measuring the step on the samples rather than in parameter space keeps it
+  invariant to how the model is parametrized, up to the estimation error of
+  KWNG; the published chain clips the direction to a Euclidean norm
+  instead, which an ill-conditioned parametrization distorts. The momentum
+  and its restart test are invariant too (a gradient pairs with a step).
+  Momentum averages the noise of the minibatch and of the random basis, so
+  that larger learning rates train well: on the ill-conditioned digits
+  classifiers of the benchmarks, the learning rate 3 with momentum beats the
+  best one without by several points. The default 1 is the safe choice on
+  deterministic (full-batch) problems.
 
   :math:`\epsilon` responds to the loss at every step (Levenberg–Marquardt,
   :func:`kwng_jax.adaptive_damping` with ``window=1, ratio_scale=1``): it
   grows (divided by 0.85) when the last step decreased the loss by less than
   a quarter of its first-order prediction, so steps shrink toward a
   preconditioned gradient step, and shrinks (times 0.85) when it decreased
-  it by more than three quarters, within :math:`[10^{-10}, 10^5]`. The
+  it by more than three quarters, within :math:`[10^{-10}, 10^5]`; a step
+  that momentum sends uphill (:math:`\langle g, u\rangle > 0`) counts as
+  failed. The
   damping ``'safe'`` gives parameters that the samples do not see (used by
   the loss but not by ``outputs_fn``; dead units) a bounded step.
 
@@ -72,6 +96,9 @@ def kwng(
       samples per step (a float or an Optax schedule). Default 1.
     num_basis: M, the number of basis functions.
     epsilon: initial regularization strength :math:`\epsilon`.
+    momentum: :math:`\beta \in [0, 1)`, the decay of the running
+      average of the capped steps, or None for none.
+    nesterov: use Nesterov's momentum.
     adaptive: adapt :math:`\epsilon` from the loss at every step.
     kernel: see :func:`kwng_jax.scale_by_kwng`.
     bandwidth: see :func:`kwng_jax.scale_by_kwng`.
@@ -103,7 +130,7 @@ def kwng(
     ...   updates, state = opt.update(grads, state, params,
     ...                               outputs_fn=outputs_fn, value=loss)
     ...   return params + updates, state
-    >>> for _ in range(150):
+    >>> for _ in range(200):
     ...   params, state = step(params, state)
     >>> best = jnp.linalg.lstsq(x, jnp.ones((32, 2)))[0]
     >>> bool(loss_fn(params) < 1.01 * loss_fn(best))
@@ -115,11 +142,14 @@ def kwng(
   """
   direction = _scale_by_kwng(locals())
   options.check_learning_rate(learning_rate)
-  chain = optax.chain(
-      direction,
-      displacement.scale_by_displacement(1.0, mode='cap'),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  step = optax.chain(direction, displacement.scale_by_displacement(1.0, mode='cap'))
+  if momentum is not None:
+    options.check_momentum(momentum)
+    # On the capped steps: the raw directions (up to 1/epsilon on the
+    # estimate's null space) would swamp an average taken before the cap.
+    step = momentum_lib.restarted_momentum(step, momentum, nesterov=nesterov)
+  steps = [step, optax.scale_by_learning_rate(learning_rate)]
+  chain = optax.chain(*steps)
   if adaptive:
     chain = adaptive_epsilon.adaptive_damping(chain, window=1, ratio_scale=1.0)
   return _stackable_like(chain, direction)

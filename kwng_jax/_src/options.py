@@ -215,6 +215,16 @@ def check_learning_rate(learning_rate: Any) -> None:
     )
 
 
+def check_momentum(momentum: Any) -> None:
+  """Raises unless a concrete ``momentum`` is a number in [0, 1)."""
+  number = _scalar('momentum', momentum, 'a number in [0, 1), or None for no momentum')
+  if number is not None and not (0 <= number < 1):
+    raise ValueError(
+        f'momentum={momentum!r} must be in [0, 1) (0.9 is usual), or None for '
+        'no momentum; at 1 or more the steps would never decay.'
+    )
+
+
 def check_estimator_options(
     *,
     num_basis: Any,

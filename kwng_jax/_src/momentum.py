@@ -1,0 +1,133 @@
+r"""Heavy-ball momentum on the capped KWNG steps, restarted when it turns uphill.
+
+:func:`kwng_jax.kwng` averages its capped steps :math:`s_t` with heavy-ball
+momentum in its averaging form, :math:`m_t = (1 - \beta) s_t + \beta
+m_{t-1}`, so that an update :math:`-\eta m_t` moves the samples by about
+:math:`\eta` at most, like one capped step. Averaging removes much of the
+noise of the minibatch and of the random basis, but on a deterministic
+problem it carries the parameters past a minimum the natural-gradient step
+would have stopped at, and the Levenberg–Marquardt rule, which only shrinks
+the next direction, cannot take back the velocity already gathered. So the
+momentum is dropped (:math:`m_{t-1} \leftarrow 0`) when the new gradient
+:math:`g_t` says that continuing along it goes uphill faster than the new
+step goes down:
+
+.. math:: \langle g_t, m_{t-1}\rangle < -c \, \langle g_t, s_t\rangle,
+   \qquad c = 0.3.
+
+The update is :math:`-\eta m`, so :math:`-\langle g_t, m_{t-1}\rangle` is
+the first-order rate at which the old velocity raises the loss and
+:math:`\langle g_t, s_t\rangle` the rate at which the new step lowers it.
+This is the gradient scheme of adaptive restart with a margin. Both sides pair
+a gradient with a step, so the test does not depend on how the model is
+parametrized (a Euclidean cosine would). The margin keeps restarts for clear
+reversals: a minibatch gradient makes :math:`\langle g_t, m_{t-1}\rangle`
+slightly negative often, but rarely by a third of a step's descent.
+
+References:
+  O'Donoghue, Candès, *Adaptive Restart for Accelerated Gradient Schemes*,
+  Foundations of Computational Mathematics 15 (2015), Section 3.2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from kwng_jax._src import sharding
+
+PyTree = Any
+
+#: c of the restart test. Measured with momentum 0.9 on the ill-conditioned
+#: digits CNN (10 seeds, 30 epochs): without restarts, 0.640 test accuracy
+#: at learning rate 3 and 0.55 ± 0.22 at 10 (some runs blow up); with
+#: c = 0.1, 0.2, 0.3, 0.5, 1 at 3: 0.655, 0.663, 0.684, 0.667, 0.673. On a
+#: deterministic least-squares problem the restarts halve the steps to the
+#: optimum or better; the digits MLP barely notices them (0.961 without,
+#: 0.958 with c = 0.3).
+RESTART_RATIO = 0.3
+
+
+class RestartedMomentumState(NamedTuple):
+  """State of :func:`restarted_momentum`.
+
+  Attributes:
+    inner_state: the state of the wrapped transformation.
+    momentum: :math:`m_{t-1}`, shaped like the updates.
+    momentum_restarts: how many times the momentum was dropped (int32).
+  """
+
+  inner_state: Any
+  momentum: PyTree
+  momentum_restarts: jax.Array
+
+
+def restarted_momentum(
+    inner: optax.GradientTransformationExtraArgs,
+    decay: float | jax.Array,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Heavy-ball momentum on ``inner``'s updates, restarted when it turns uphill.
+
+  Returns :math:`m_t = (1 - \beta) s_t + \beta m_{t-1}` (with ``nesterov``,
+  :math:`(1 - \beta) s_t + \beta m_t`), with :math:`s_t` the update of ``inner`` and
+  :math:`m_{t-1}` dropped first when the gradient passed to ``update``
+  turns against it (see the module docstring). It wraps ``inner`` rather
+  than following it in a chain because the test needs the gradient, which
+  ``inner`` has already turned into a step.
+
+  Args:
+    inner: the transformation whose updates are averaged.
+    decay: :math:`\beta \in [0, 1)`.
+    nesterov: use Nesterov's momentum.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`RestartedMomentumState`.
+  """
+
+  def init_fn(params):
+    return RestartedMomentumState(
+        inner_state=inner.init(params),
+        momentum=otu.tree_zeros_like(params),
+        momentum_restarts=jnp.zeros((), jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    steps, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    # Where the inner step is zero because its inputs were unusable (NaN or
+    # Inf gradient or samples, a traced option out of range), the update
+    # stays zero and the momentum waits: old velocity must not carry the
+    # parameters through a step the diagnostics call void.
+    info = otu.tree_get(inner_state, 'kwng_info')
+    usable = jnp.isfinite(sharding.tree_vdot(updates, updates))
+    if info is not None:
+      usable = usable & info.finite_inputs & info.valid_hyperparameters
+    restart = (sharding.tree_vdot(updates, state.momentum)
+               < -RESTART_RATIO * sharding.tree_vdot(updates, steps))
+
+    def accumulate(s, m):
+      return ((1 - decay) * s + decay * jnp.where(restart, jnp.zeros_like(m), m)).astype(m.dtype)
+
+    momentum = jax.tree.map(accumulate, steps, state.momentum)
+    if nesterov:
+      new_updates = jax.tree.map(lambda s, m: ((1 - decay) * s + decay * m).astype(s.dtype),
+                                 steps, momentum)
+    else:
+      new_updates = momentum
+    return (
+        jax.tree.map(lambda u: jnp.where(usable, u, jnp.zeros_like(u)), new_updates),
+        RestartedMomentumState(
+            inner_state=inner_state,
+            momentum=jax.tree.map(lambda new, old: jnp.where(usable, new, old),
+                                  momentum, state.momentum),
+            momentum_restarts=state.momentum_restarts + (usable & restart).astype(jnp.int32),
+        ),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

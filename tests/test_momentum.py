@@ -1,0 +1,126 @@
+"""The restarted heavy-ball momentum of kwng(): its recurrence, restarts and safety."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kwng_jax
+from kwng_jax._src import momentum as momentum_lib
+
+
+def run(opt, gradients):
+  """Feeds the gradients in turn; returns the updates and the last state."""
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  update = jax.jit(lambda g, s: opt.update(g, s, params))
+  updates = []
+  for g in gradients:
+    u, state = update(jnp.asarray(g, jnp.float32), state)
+    updates.append(np.asarray(u))
+  return np.array(updates), state
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_recurrence_averages_the_inner_steps(nesterov):
+  inner = optax.with_extra_args_support(optax.scale(0.5))
+  opt = momentum_lib.restarted_momentum(inner, 0.9, nesterov=nesterov)
+  gradients = [[1.0, 0.0], [1.0, 1.0], [0.5, 2.0]]
+  updates, state = run(opt, gradients)
+  momentum = np.zeros(2)
+  for g, u in zip(gradients, updates):
+    step = 0.5 * np.asarray(g)
+    momentum = 0.1 * step + 0.9 * momentum
+    np.testing.assert_allclose(u, 0.1 * step + 0.9 * momentum if nesterov else momentum,
+                               rtol=1e-6)
+  assert int(state.momentum_restarts) == 0
+
+
+def test_a_clear_reversal_restarts_and_mild_noise_does_not():
+  """Restart iff ⟨g, m⟩ < -0.3 ⟨g, s⟩: the average goes uphill, clearly."""
+  inner = optax.with_extra_args_support(optax.identity())
+  opt = momentum_lib.restarted_momentum(inner, 0.9)
+  # m = (0.1, 0). g = (-1, 0.5): ⟨g, m⟩ = -0.1 > -0.3 ⟨g, g⟩ = -0.375, kept.
+  updates, state = run(opt, [[1.0, 0.0], [-1.0, 0.5]])
+  np.testing.assert_allclose(updates[1], [-0.1 + 0.09, 0.05], rtol=1e-5)
+  assert int(state.momentum_restarts) == 0
+  # m = (1, 0). g = (-1, 0.5): ⟨g, m⟩ = -1 < -0.375, dropped: the update is 0.1 g.
+  updates, state = run(opt, [[10.0, 0.0], [-1.0, 0.5]])
+  np.testing.assert_allclose(updates[1], [-0.1, 0.05], rtol=1e-5)
+  assert int(state.momentum_restarts) == 1
+
+
+def test_unusable_inputs_give_a_zero_update_and_keep_the_momentum():
+  """A NaN gradient or Inf samples must not let old velocity carry the parameters."""
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  outputs_fn = lambda p: x @ p  # noqa: E731
+  loss_fn = lambda p: jnp.mean((outputs_fn(p) - 1.0) ** 2)  # noqa: E731
+  opt = kwng_jax.kwng()
+  params = jnp.zeros((3, 2))
+  state = opt.init(params)
+  step = jax.jit(lambda g, s, v: opt.update(g, s, params, outputs_fn=outputs_fn, value=v))
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, state = step(grads, state, loss)
+  assert float(jnp.abs(updates).max()) > 0
+  before = optax.tree_utils.tree_get(state, 'momentum')
+  for bad_grads, bad_outputs_fn in ((grads * jnp.nan, outputs_fn),
+                                    (grads, lambda p: outputs_fn(p) / 0.0)):
+    updates, bad_state = opt.update(bad_grads, state, params, outputs_fn=bad_outputs_fn,
+                                    value=loss)
+    np.testing.assert_array_equal(updates, 0.0)
+    np.testing.assert_array_equal(optax.tree_utils.tree_get(bad_state, 'momentum'), before)
+    assert not bool(optax.tree_utils.tree_get(bad_state, 'kwng_info').finite_inputs)
+
+
+def least_squares_steps_to_optimum(monkeypatch, restart_ratio):
+  """Steps kwng() takes to 1.01 × the optimum of its docstring's least squares."""
+  monkeypatch.setattr(momentum_lib, 'RESTART_RATIO', restart_ratio)
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  outputs_fn = lambda p: x @ p  # noqa: E731
+  loss_fn = lambda p: jnp.mean((outputs_fn(p) - 1.0) ** 2)  # noqa: E731
+  best = float(loss_fn(jnp.linalg.lstsq(x, jnp.ones((32, 2)))[0]))
+  opt = kwng_jax.kwng()
+  params, state = jnp.zeros((3, 2)), opt.init(jnp.zeros((3, 2)))
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(grads, state, params, outputs_fn=outputs_fn, value=loss)
+    return params + updates, state
+
+  for t in range(400):
+    params, state = step(params, state)
+    if float(loss_fn(params)) < 1.01 * best:
+      return t + 1, state
+  return None, state
+
+
+def test_restarts_stop_a_deterministic_problem_from_overshooting(monkeypatch):
+  """Measured: 152 steps with restarts (c = 0.3), 97 with c = 0.1, 309 without."""
+  with_restarts, state = least_squares_steps_to_optimum(monkeypatch, 0.3)
+  assert with_restarts is not None and with_restarts <= 200, with_restarts
+  assert int(optax.tree_utils.tree_get(state, 'momentum_restarts')) > 0
+  without, _ = least_squares_steps_to_optimum(monkeypatch, float('inf'))
+  assert without is None or without > 1.5 * with_restarts, (with_restarts, without)
+
+
+@pytest.mark.parametrize('momentum', [1.0, -0.1, float('nan'), '0.9', jnp.ones(2)])
+def test_bad_momentum_is_named(momentum):
+  with pytest.raises(ValueError, match='momentum'):
+    kwng_jax.kwng(momentum=momentum)
+
+
+def test_no_momentum_is_the_single_step_rule():
+  """momentum=None: the update is -lr times the capped direction, with no momentum state."""
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  outputs_fn = lambda p: x @ p  # noqa: E731
+  params = jnp.zeros((3, 2))
+  grads = jax.grad(lambda p: jnp.mean((outputs_fn(p) - 1.0) ** 2))(params)
+  single = kwng_jax.kwng(0.3, momentum=None, adaptive=False)
+  capped = optax.chain(kwng_jax.scale_by_kwng(damping='safe'),
+                       kwng_jax.scale_by_displacement(1.0, mode='cap'))
+  expected, _ = capped.update(grads, capped.init(params), params, outputs_fn=outputs_fn)
+  updates, state = single.update(grads, single.init(params), params, outputs_fn=outputs_fn)
+  np.testing.assert_allclose(updates, -0.3 * expected, rtol=1e-6)
+  assert optax.tree_utils.tree_get(state, 'momentum') is None
