@@ -159,7 +159,7 @@ def speed_section(payloads: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> li
       "which rebuilds at 2 of a round's 20 steps. `published M=m` is "
       '`kwng_jax.published_kwng` (adaptive ε, clip 1) with M basis functions, `KWNG M=m` the '
       'recommended `kwng_jax.kwng` (safe damping, the step capped by the displacement of the '
-      'samples: one more `jax.jvp`), and the bracketed rows the same with one more option. '
+      'samples: one more `jax.jvp`; momentum: a few passes over P), and the bracketed rows the same with one more option. '
       '`floor M=m` is the work no KWNG step can avoid, run as a step of its own: the SGD step '
       'plus M VJPs of the outputs one after the other (`+ JVP`: and the displacement\'s JVP). '
       'Memory: the optimizer state, and the scratch memory XLA allocates for the whole step '

@@ -244,7 +244,9 @@ print('displacement of the direction:', float(otu.tree_get(kwng_state, 'displace
 #
 # `kwng_jax.scale_by_kwng` is an ordinary Optax transformation: it turns the
 # gradient into $\hat g$ and can be followed by anything, and so can
-# `kwng_jax.scale_by_displacement`. Below: KWNG, then the cap on the
+# `kwng_jax.scale_by_displacement`. (`kwng_jax.kwng` already averages its
+# capped steps with momentum 0.9, restarted when the gradient turns against
+# it; the chain below builds momentum by hand, without the restart.) Below: KWNG, then the cap on the
 # displacement of the logits, then SGD with Nesterov momentum and a
 # warm-up + cosine learning-rate schedule. `kwng_jax.adaptive_damping` wraps
 # the whole chain: it adapts the $\epsilon$ of the `scale_by_kwng` inside
