@@ -89,8 +89,9 @@ def test_flax_sample_trains_the_ill_conditioned_mlp():
   exec(samples()[3], namespace)
   split = datasets.load_digits()
   images, labels = jnp.asarray(split.train_images[:128]), jnp.asarray(split.train_labels[:128])
+  # 40 steps: kwng()'s momentum starts from zero, so its first steps are short.
   losses = [float(namespace['train_step'](namespace['model'], namespace['optimizer'],
-                                          images, labels)) for _ in range(30)]
+                                          images, labels)) for _ in range(40)]
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
 
 
