@@ -73,6 +73,14 @@ def test_unusable_inputs_give_a_zero_update_and_keep_the_momentum():
     assert not bool(optax.tree_utils.tree_get(bad_state, 'kwng_info').finite_inputs)
 
 
+def test_a_non_finite_gradient_stops_any_inner_transformation():
+  """Without KWNG's diagnostics, the gradient's own finiteness decides."""
+  opt = momentum_lib.restarted_momentum(optax.with_extra_args_support(optax.identity()), 0.9)
+  updates, state = run(opt, [[1.0, 2.0], [jnp.nan, 0.0]])
+  np.testing.assert_array_equal(updates[1], 0.0)
+  np.testing.assert_allclose(state.momentum, [0.1, 0.2], rtol=1e-6)
+
+
 def least_squares_steps_to_optimum(monkeypatch, restart_ratio):
   """Steps kwng() takes to 1.01 × the optimum of its docstring's least squares."""
   monkeypatch.setattr(momentum_lib, 'RESTART_RATIO', restart_ratio)

@@ -104,10 +104,13 @@ def restarted_momentum(
     # Inf gradient or samples, a traced option out of range), the update
     # stays zero and the momentum waits: old velocity must not carry the
     # parameters through a step the diagnostics call void.
+    # KWNG's diagnostics already say it; another inner transformation costs
+    # one more pass over the gradient.
     info = otu.tree_get(inner_state, 'kwng_info')
-    usable = jnp.isfinite(sharding.tree_vdot(updates, updates))
     if info is not None:
-      usable = usable & info.finite_inputs & info.valid_hyperparameters
+      usable = info.finite_inputs & info.valid_hyperparameters
+    else:
+      usable = jnp.isfinite(sharding.tree_vdot(updates, updates))
     restart = (sharding.tree_vdot(updates, state.momentum)
                < -RESTART_RATIO * sharding.tree_vdot(updates, steps))
 
