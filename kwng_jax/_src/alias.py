@@ -72,9 +72,9 @@ def kwng(
   and its restart test are invariant too (a gradient pairs with a step).
   Momentum averages the noise of the minibatch and of the random basis, so
   that larger learning rates train well: on the ill-conditioned digits
-  classifiers of the benchmarks, the learning rate 3 with momentum beats the
-  best one without by several points. The default 1 is the safe choice on
-  deterministic (full-batch) problems.
+  classifiers of the benchmarks, at its best learning rate (3 on the MLP, 10
+  on the CNN) it beats the best run without momentum by 2 and 11 points.
+  The default 1 is the safe choice on deterministic (full-batch) problems.
 
   :math:`\epsilon` responds to the loss at every step (Levenberg–Marquardt,
   :func:`kwng_jax.adaptive_damping` with ``window=1, ratio_scale=1``): it
@@ -139,6 +139,9 @@ def kwng(
   References:
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
+
+    O'Donoghue, Candès, *Adaptive Restart for Accelerated Gradient Schemes*,
+    Foundations of Computational Mathematics 15 (2015).
   """
   direction = _scale_by_kwng(locals())
   options.check_learning_rate(learning_rate)
