@@ -194,8 +194,10 @@ def train(tx, num_epochs=NUM_EPOCHS):
 # fallback to $g$ when $\hat g$ is not a descent direction), then
 # `scale_by_displacement`, which measures with one `jax.jvp` of `outputs_fn`
 # how far the step would move the samples (the RMS over the batch of the
-# change of each image's logit vector) and shortens it to at most 1, then the
-# learning rate; $\epsilon$ is adapted from the loss at every step. So its
+# change of each image's logit vector) and shortens it to at most 1, then a
+# running average of these capped steps (momentum 0.9, restarted when the
+# gradient turns against it), then the learning rate; $\epsilon$ is adapted
+# from the loss at every step. So its
 # **learning rate is the largest RMS distance the logits move in one step**,
 # a quantity the scaling of the head does not distort; the default, 1, works
 # here.
@@ -246,8 +248,8 @@ print('displacement of the direction:', float(otu.tree_get(kwng_state, 'displace
 # gradient into $\hat g$ and can be followed by anything, and so can
 # `kwng_jax.scale_by_displacement`. (`kwng_jax.kwng` already averages its
 # capped steps with momentum 0.9, restarted when the gradient turns against
-# it; the chain below builds momentum by hand, without the restart.) Below: KWNG, then the cap on the
-# displacement of the logits, then SGD with Nesterov momentum and a
+# it; the chain below builds momentum by hand, without the restart.) Below:
+# KWNG, then the cap on the displacement of the logits, then SGD with Nesterov momentum and a
 # warm-up + cosine learning-rate schedule. `kwng_jax.adaptive_damping` wraps
 # the whole chain: it adapts the $\epsilon$ of the `scale_by_kwng` inside
 # from the loss passed as `value=`, comparing the actual decrease with the

@@ -336,8 +336,10 @@ plt.show()
 # * `displacement` shows what that means on the samples: the direction
 #   $\hat g$ itself would move the logits by $10^6$ to $10^{11}$ (RMS), far
 #   above the cap of 1 (dotted). `displacement_scale` shortens every step
-#   accordingly, so the logits move by exactly the learning rate at each
-#   step; that cap is what keeps the step size sane (in
+#   accordingly, so each capped step moves the logits by exactly the
+#   learning rate, and the update, a running average of such steps
+#   (momentum 0.9), by at most about as much; that cap is what keeps the
+#   step size sane (in
 #   `kwng_jax.published_kwng`, the clipping to norm 1 in parameter space
 #   plays that role). A run whose `displacement` stays below 1 takes
 #   uncapped steps, $\mathrm{lr}\,\hat g$.
@@ -450,10 +452,10 @@ plt.show()
 #   `kwng_jax.kwng` (a decade in 14 steps) and per window of 5 steps under
 #   the published one (a decade in 71). Neither rule drives $\epsilon$
 #   towards what trains fastest: they test whether the first-order model of
-#   the loss can be trusted. Here the per-step rule leaves $\epsilon$ near
-#   its start, while the published rule shrinks it steadily: it compares the
-#   losses of two *different* minibatches, so $\rho$ is noisy, and keeping
-#   the largest $\rho$ of the window biases it upwards.
+#   the loss can be trusted. Here both rules shrink $\epsilon$ over the
+#   100 steps, the published one the most: like the per-step rule it
+#   compares the losses of two *different* minibatches, so $\rho$ is noisy,
+#   and keeping the largest $\rho$ of the window biases it upwards.
 # * A start far above the eigenvalues of $\tilde T D \tilde T^\top$
 #   ($\epsilon_0 = 10^3$) makes KWNG the diagonally preconditioned gradient
 #   $D g$, and `kwng_jax.kwng` trains more slowly from there: the default
