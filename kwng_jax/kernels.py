@@ -8,7 +8,9 @@ needs is taken from this scalar function by JAX autodiff, never written by
 hand, so any differentiable kernel works.
 
 The bandwidth has the units of a squared distance: the Gaussian kernel is
-:math:`k(x, y) = \exp(-\|x - y\|^2 / (2 \sigma))`.
+:math:`k(x, y) = \exp(-\|x - y\|^2 / (2 \sigma))`. Every built-in kernel
+takes two points ``x`` and ``y`` of shape ``(d,)`` and the bandwidth
+:math:`\sigma > 0`, and returns the scalar kernel value.
 
 References:
   Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
@@ -38,14 +40,6 @@ def gaussian(x: jax.Array, y: jax.Array, bandwidth: jax.Array) -> jax.Array:
 
   .. math:: k(x, y) = \exp\left(-\frac{\|x - y\|^2}{2\sigma}\right)
 
-  Args:
-    x: a point of shape ``(d,)``.
-    y: a point of shape ``(d,)``.
-    bandwidth: :math:`\sigma > 0`, in squared-distance units.
-
-  Returns:
-    The scalar kernel value.
-
   Example:
     >>> import jax.numpy as jnp
     >>> from kwng_jax import kernels
@@ -62,16 +56,15 @@ def rational_quadratic(
 
   .. math:: k(x, y) = \left(1 + \frac{\|x - y\|^2}{2\alpha\sigma}\right)^{-\alpha}
 
-  It tends to the Gaussian kernel as :math:`\alpha \to \infty`.
+  It tends to the Gaussian kernel as :math:`\alpha \to \infty`. Its extra
+  argument, ``alpha``, is fixed with ``functools.partial`` to pass the kernel
+  to the estimator.
 
   Args:
     x: a point of shape ``(d,)``.
     y: a point of shape ``(d,)``.
-    bandwidth: :math:`\sigma > 0`, in squared-distance units.
+    bandwidth: :math:`\sigma > 0`.
     alpha: the shape parameter :math:`\alpha > 0`.
-
-  Returns:
-    The scalar kernel value.
 
   Example:
     >>> import jax.numpy as jnp
@@ -89,14 +82,6 @@ def inverse_multiquadric(
   r"""Inverse multiquadric kernel.
 
   .. math:: k(x, y) = \left(1 + \frac{\|x - y\|^2}{\sigma}\right)^{-1/2}
-
-  Args:
-    x: a point of shape ``(d,)``.
-    y: a point of shape ``(d,)``.
-    bandwidth: :math:`\sigma > 0`, in squared-distance units.
-
-  Returns:
-    The scalar kernel value.
 
   Example:
     >>> import jax.numpy as jnp
@@ -208,8 +193,7 @@ def mean_distance_bandwidth(
   Returns:
     The scalar bandwidth, floored at :data:`MIN_BANDWIDTH`.
   """
-  sigma = jnp.mean(squared_distances(basis, samples))
-  return jnp.maximum(sigma * 10.0**log_bandwidth, MIN_BANDWIDTH)
+  return _scaled(jnp.mean(squared_distances(basis, samples)), log_bandwidth)
 
 
 def median_bandwidth(
@@ -217,15 +201,13 @@ def median_bandwidth(
 ) -> jax.Array:
   r"""The median heuristic: :math:`10^{\ell}\,\mathrm{median}_{m,n}\|Y_m - X_n\|^2`.
 
-  Args:
-    basis: basis points, shape ``(M, d)``.
-    samples: samples, shape ``(N, d)``.
-    log_bandwidth: :math:`\ell`, the base-10 log of the multiplier.
-
-  Returns:
-    The scalar bandwidth, floored at :data:`MIN_BANDWIDTH`.
+  Its arguments and its floor are those of :func:`mean_distance_bandwidth`.
   """
-  sigma = jnp.median(squared_distances(basis, samples))
+  return _scaled(jnp.median(squared_distances(basis, samples)), log_bandwidth)
+
+
+def _scaled(sigma: jax.Array, log_bandwidth: float | jax.Array) -> jax.Array:
+  r""":math:`10^{\ell}\sigma`, floored at :data:`MIN_BANDWIDTH`."""
   return jnp.maximum(sigma * 10.0**log_bandwidth, MIN_BANDWIDTH)
 
 

@@ -89,3 +89,29 @@ def test_traced_options_are_checked_inside_the_computation():
   assert not bool(valid(1e-3, -1.0, 0.5))
   assert not bool(valid(1e-3, 0.0, 1.0))
   assert not bool(valid(jnp.nan, 0.0, 0.5))
+
+
+@pytest.mark.parametrize('function', ['natural_gradient', 'build_preconditioner',
+                                      'preconditioner_from_vjp'])
+def test_estimator_functions_check_their_keyword_options(function):
+  x = jnp.ones((8, 2))
+  params = {'w': jnp.ones((2, 3))}
+  outputs_fn = lambda p: x @ p['w']
+  samples, vjp_fn = jax.vjp(outputs_fn, params)
+  first = {'natural_gradient': (params, outputs_fn, params),
+           'build_preconditioner': (outputs_fn, params),
+           'preconditioner_from_vjp': (samples, vjp_fn)}[function]
+  call = getattr(kwng_jax, function)
+  # A misspelt option names the function and lists the valid ones.
+  with pytest.raises(TypeError, match=rf"{function}\(\) got an unexpected keyword argument "
+                     r"'num_basi'; its options are \['num_basis'"):
+    call(*first, key=jax.random.key(0), num_basi=2)
+  # A bad value is checked by the one shared validation, naming the option.
+  with pytest.raises(ValueError, match='ridge'):
+    call(*first, key=jax.random.key(0), ridge=-1.0)
+  # And a good one reaches the estimator: the basis size sets the factor's rows.
+  result = call(*first, key=jax.random.key(0), num_basis=3)
+  if function == 'natural_gradient':
+    assert result[0]['w'].shape == (2, 3)
+  else:
+    assert result.whitened['w'].shape[0] == 3

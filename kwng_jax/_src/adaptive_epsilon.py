@@ -102,15 +102,19 @@ def adaptive_damping(
     >>> import jax, jax.numpy as jnp, optax
     >>> import kwng_jax
     >>> x = jax.random.normal(jax.random.key(0), (32, 3))
-    >>> outputs_fn = lambda p: x @ p
-    >>> loss_fn = lambda p: jnp.mean((outputs_fn(p) - 1.0) ** 2)
+    >>> loss_fn = lambda p: jnp.mean((x @ p - 1.0) ** 2)
     >>> opt = kwng_jax.adaptive_damping(optax.chain(
-    ...     kwng_jax.scale_by_kwng(), optax.sgd(0.1)))
+    ...     kwng_jax.scale_by_kwng(), kwng_jax.clip_by_global_norm(1.0),
+    ...     optax.sgd(0.1)))
     >>> params = jnp.zeros((3, 2))
     >>> state = opt.init(params)
-    >>> loss, grads = jax.value_and_grad(loss_fn)(params)
-    >>> updates, state = opt.update(grads, state, params,
-    ...                             outputs_fn=outputs_fn, value=loss)
+    >>> for _ in range(5):  # the update needs the loss as value=
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params)
+    ...   updates, state = opt.update(grads, state, params,
+    ...                               outputs_fn=lambda p: x @ p, value=loss)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss_fn(params) < loss_fn(jnp.zeros((3, 2))))
+    True
 
   References:
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,

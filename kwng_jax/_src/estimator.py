@@ -15,12 +15,11 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from kwng_jax import kernels as kernels_lib
 from kwng_jax import solve
 from kwng_jax._src import options as options_lib
 from kwng_jax._src import outputs as outputs_lib
@@ -29,6 +28,9 @@ from kwng_jax._src import from_vjp as from_vjp_lib
 from kwng_jax._src.from_vjp import from_vjp
 from kwng_jax._src.preconditioner import KWNGInfo
 from kwng_jax._src.preconditioner import Preconditioner
+
+if TYPE_CHECKING:
+  from typing_extensions import Unpack
 
 PyTree = Any
 OutputsFn = Callable[[PyTree], jax.Array]
@@ -39,19 +41,10 @@ def build_preconditioner(
     params: PyTree,
     *,
     key: jax.Array | None = None,
-    num_basis: int = 5,
-    kernel: kernels_lib.KernelLike = 'gaussian',
-    bandwidth: kernels_lib.BandwidthLike = 'mean_distance',
-    log_bandwidth: float = 0.0,
-    damping: options_lib.Damping = 'reference',
-    ridge: float = 0.0,
-    rcond: float | None = None,
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
-    jacobian_samples: int | None = None,
-    jacobian_dtype: Any = None,
-    jacobian_batching: options_lib.JacobianBatching = 'auto',
     jacobian_outputs_fn: OutputsFn | None = None,
+    **options: Unpack[options_lib.EstimatorKwargs],
 ) -> Preconditioner:
   r"""Builds the whitened factor, the damping and the M×M Gram of one step.
 
@@ -76,7 +69,7 @@ def build_preconditioner(
     >>> pre.whitened['w'].shape, direction['w'].shape
     ((5, 3, 4), (3, 4))
   """
-  opts = options_lib.EstimatorOptions.of(locals())
+  opts = options_lib.EstimatorOptions.from_kwargs('build_preconditioner', options)
   return build(
       outputs_fn, params, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_outputs_fn=jacobian_outputs_fn,
@@ -191,21 +184,12 @@ def natural_gradient(
     outputs_fn: OutputsFn,
     params: PyTree,
     *,
-    key: jax.Array | None = None,
-    num_basis: int = 5,
     epsilon: float | jax.Array = 1e-5,
-    kernel: kernels_lib.KernelLike = 'gaussian',
-    bandwidth: kernels_lib.BandwidthLike = 'mean_distance',
-    log_bandwidth: float = 0.0,
-    damping: options_lib.Damping = 'reference',
-    ridge: float = 0.0,
-    rcond: float | None = None,
+    key: jax.Array | None = None,
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
-    jacobian_samples: int | None = None,
-    jacobian_dtype: Any = None,
-    jacobian_batching: options_lib.JacobianBatching = 'auto',
     jacobian_outputs_fn: OutputsFn | None = None,
+    **options: Unpack[options_lib.EstimatorKwargs],
 ) -> tuple[PyTree, KWNGInfo]:
   r"""The kernelized Wasserstein natural gradient :math:`\hat g` of ``grads``.
 
@@ -282,7 +266,7 @@ def natural_gradient(
     Arbel, Gretton, Li, Montúfar, *Kernelized Wasserstein Natural Gradient*,
     ICLR 2020 (arXiv 1910.09652).
   """
-  opts = options_lib.EstimatorOptions.of(locals())
+  opts = options_lib.EstimatorOptions.from_kwargs('natural_gradient', options)
   preconditioner = build(
       outputs_fn, params, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_outputs_fn=jacobian_outputs_fn,

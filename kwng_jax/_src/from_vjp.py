@@ -13,7 +13,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TYPE_CHECKING
 import warnings
 
 import jax
@@ -27,6 +27,9 @@ from kwng_jax._src import options as options_lib
 from kwng_jax._src import outputs as outputs_lib
 from kwng_jax._src import sharding
 from kwng_jax._src.preconditioner import Preconditioner
+
+if TYPE_CHECKING:
+  from typing_extensions import Unpack
 
 PyTree = Any
 VJPFn = Callable[[jax.Array], tuple[PyTree]]
@@ -50,18 +53,9 @@ def preconditioner_from_vjp(
     vjp_fn: VJPFn,
     *,
     key: jax.Array | None = None,
-    num_basis: int = 5,
-    kernel: kernels_lib.KernelLike = 'gaussian',
-    bandwidth: kernels_lib.BandwidthLike = 'mean_distance',
-    log_bandwidth: float = 0.0,
-    damping: options_lib.Damping = 'reference',
-    ridge: float = 0.0,
-    rcond: float | None = None,
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
-    jacobian_samples: int | None = None,
-    jacobian_dtype: Any = None,
-    jacobian_batching: options_lib.JacobianBatching = 'auto',
+    **options: Unpack[options_lib.EstimatorKwargs],
 ) -> Preconditioner:
   r"""Builds the preconditioner from a forward pass already run.
 
@@ -78,18 +72,15 @@ def preconditioner_from_vjp(
       outputs only (e.g. of ``lambda p: model(p, x[:n])``); with
       ``jacobian_dtype``, of outputs computed in that dtype.
     key: PRNG key for the basis; not needed when the basis is pinned.
-    num_basis: see :func:`kwng_jax.natural_gradient`.
-    kernel: see :func:`kwng_jax.natural_gradient`.
-    bandwidth: see :func:`kwng_jax.natural_gradient`.
-    log_bandwidth: see :func:`kwng_jax.natural_gradient`.
-    damping: see :func:`kwng_jax.natural_gradient`.
-    ridge: see :func:`kwng_jax.natural_gradient`.
-    rcond: see :func:`kwng_jax.natural_gradient`.
     basis_indices: see :func:`kwng_jax.natural_gradient`.
     basis_coords: see :func:`kwng_jax.natural_gradient`.
-    jacobian_samples: n, the number of leading samples ``vjp_fn`` covers.
-    jacobian_dtype: the dtype of the outputs ``vjp_fn`` differentiates.
-    jacobian_batching: see :func:`kwng_jax.natural_gradient`.
+    **options: the estimator's options, keyword by keyword, as for
+      :func:`kwng_jax.natural_gradient` (``num_basis``, ``kernel``,
+      ``bandwidth``, ``log_bandwidth``, ``damping``, ``ridge``, ``rcond``,
+      ``jacobian_samples``, ``jacobian_dtype``, ``jacobian_batching``).
+      Here ``jacobian_samples`` is n, the number of leading samples
+      ``vjp_fn`` covers, and ``jacobian_dtype`` the dtype of the outputs it
+      differentiates.
 
   Returns:
     A :class:`kwng_jax.Preconditioner`, the same (to rounding) as
@@ -108,7 +99,7 @@ def preconditioner_from_vjp(
     >>> direction['w'].shape
     (3, 4)
   """
-  opts = options_lib.EstimatorOptions.of(locals())
+  opts = options_lib.EstimatorOptions.from_kwargs('preconditioner_from_vjp', options)
   return from_vjp_of_options(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords,

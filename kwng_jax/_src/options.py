@@ -14,8 +14,9 @@ computation instead, and the update is zero and flagged
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 import numbers
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,27 @@ def resolved_batching(batching: str) -> str:
 BandwidthRule = Literal['mean_distance', 'median']
 
 
+class EstimatorKwargs(TypedDict, total=False):
+  """The options of :class:`EstimatorOptions` as keyword arguments.
+
+  The type of ``**options`` in :func:`kwng_jax.natural_gradient`,
+  :func:`kwng_jax.build_preconditioner` and
+  :func:`kwng_jax.preconditioner_from_vjp`, so that a type checker knows
+  the names and types those functions accept.
+  """
+
+  num_basis: int
+  kernel: Any
+  bandwidth: BandwidthRule | float | Any
+  log_bandwidth: float | Any
+  damping: Damping
+  ridge: float | Any
+  rcond: float | None
+  jacobian_samples: int | None
+  jacobian_dtype: Any
+  jacobian_batching: JacobianBatching
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EstimatorOptions:
   """The options of the KWNG estimator, validated once when built.
@@ -50,7 +72,9 @@ class EstimatorOptions:
   :func:`kwng_jax.scale_by_kwng`, :func:`kwng_jax.build_preconditioner`,
   :func:`kwng_jax.preconditioner_from_vjp`, :func:`kwng_jax.natural_gradient`)
   take these as flat keyword arguments, build one ``EstimatorOptions`` and
-  pass it inward; their docstrings say what each option means. Numeric
+  pass it inward; :func:`kwng_jax.natural_gradient` says what each option
+  means, and these defaults are those of every entry point but
+  :func:`kwng_jax.kwng` (whose ``damping`` is ``'safe'``). Numeric
   options may be traced (``optax.inject_hyperparams``): those are checked
   inside the computation (:func:`traced_options_valid`).
   """
@@ -70,6 +94,18 @@ class EstimatorOptions:
   def of(cls, arguments: dict[str, Any]) -> 'EstimatorOptions':
     """The options among ``arguments`` (an entry point's ``locals()``)."""
     return cls(**{field.name: arguments[field.name] for field in dataclasses.fields(cls)})
+
+  @classmethod
+  def from_kwargs(cls, function: str, options: Mapping[str, Any]) -> 'EstimatorOptions':
+    """The options a function received as ``**options``; raises on an unknown name."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+      raise TypeError(
+          f'{function}() got an unexpected keyword argument {unknown[0]!r}; '
+          f'its options are {names}.'
+      )
+    return cls(**options)
 
   def __post_init__(self):
     check_estimator_options(

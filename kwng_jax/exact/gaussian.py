@@ -59,7 +59,7 @@ def gaussian_num_params(dim: int, parametrization: str = 'cholesky') -> int:
 
 
 def gaussian_dim(num_params: int, parametrization: str = 'cholesky') -> int:
-  """The dimension :math:`d` of a Gaussian with ``num_params`` parameters.
+  """Returns the dimension :math:`d` (an int) of a Gaussian with ``num_params`` parameters.
 
   The inverse of :func:`gaussian_num_params`; raises a ValueError when no
   dimension fits.
@@ -68,13 +68,11 @@ def gaussian_dim(num_params: int, parametrization: str = 'cholesky') -> int:
     num_params: the length :math:`P` of the flat parameter vector.
     parametrization: one of :data:`PARAMETRIZATIONS`.
 
-  Returns:
-    :math:`d`, a Python int.
-
   Example:
     >>> from kwng_jax import exact
-    >>> exact.gaussian_dim(9, 'cholesky')
-    3
+    >>> [exact.gaussian_dim(exact.gaussian_num_params(d, 'full'), 'full')
+    ...  for d in (1, 2, 3)]
+    [1, 2, 3]
   """
   _check_parametrization(parametrization)
   if parametrization == 'cholesky':

@@ -1,5 +1,11 @@
 r"""One-dimensional families given by their quantile function (e.g. the
-log-normal), with the metric by deterministic quadrature."""
+log-normal), with the metric by deterministic quadrature.
+
+A quantile function here is ``quantile_fn(theta, u)``: the parameter vector
+:math:`\theta` and a level :math:`u \in (0, 1)` give the scalar
+:math:`Q_\theta(u)`, so that :math:`X = Q_\theta(U)` with :math:`U` uniform
+on (0, 1) samples the family.
+"""
 
 from __future__ import annotations
 
@@ -172,7 +178,7 @@ def quantile_wasserstein_sq(
     num_nodes: int = 64,
     rule: str = 'normal',
 ) -> jax.Array:
-  r""":math:`W_2^2` between two members of a one-dimensional family.
+  r"""The scalar :math:`W_2^2` between two members of a one-dimensional family.
 
   .. math::
      W_2^2(\rho_{\theta_1}, \rho_{\theta_2}) = \int_0^1
@@ -185,9 +191,6 @@ def quantile_wasserstein_sq(
     theta2: the second parameter vector.
     num_nodes: the number of quadrature nodes.
     rule: one of :data:`QUADRATURE_RULES`.
-
-  Returns:
-    The scalar :math:`W_2^2`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -206,19 +209,12 @@ def quantile_wasserstein_sq(
 
 
 def gaussian_quantile(theta: jax.Array, u: jax.Array) -> jax.Array:
-  r"""Quantile function of :math:`\mathcal N(\mu, s^2)`, in :math:`(\mu, s)`.
+  r"""Quantile function of :math:`\mathcal N(\mu, s^2)`, in :math:`\theta = (\mu, s)`.
 
   .. math:: Q_\theta(u) = \mu + s\,\Phi^{-1}(u),
 
   whose Wasserstein metric in :math:`(\mu, s)` is the identity (the
   'diagonal' :func:`gaussian_metric` at :math:`d = 1`).
-
-  Args:
-    theta: ``(mu, s)``, shape ``(2,)``.
-    u: a level in (0, 1).
-
-  Returns:
-    :math:`Q_\theta(u)`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -238,13 +234,6 @@ def lognormal_quantile(theta: jax.Array, u: jax.Array) -> jax.Array:
 
   i.e. :math:`X = e^{m + sZ}`, :math:`Z \sim \mathcal N(0, 1)`. Its exact
   metric is :func:`lognormal_metric`.
-
-  Args:
-    theta: ``(m, log s)``, shape ``(2,)``.
-    u: a level in (0, 1).
-
-  Returns:
-    :math:`Q_\theta(u)`.
 
   Example:
     >>> import jax.numpy as jnp

@@ -96,31 +96,26 @@ def replay_outputs_fn(
 
 
 def value_grad_and_outputs_fn(
-    loss_from_outputs: Callable[[jax.Array], jax.Array],
-    outputs_fn: Callable[[PyTree], Any],
-    params: PyTree,
-    *,
-    has_aux: bool = False,
+    *args: Any, **kwargs: Any
 ) -> tuple[Any, PyTree, Callable[[PyTree], jax.Array]]:
-  """Deprecated: :func:`value_grad_and_vjp`, with a replayed ``outputs_fn``."""
+  """Deprecated: :func:`value_grad_and_vjp` (same arguments), with a replayed ``outputs_fn``."""
   _warn('value_grad_and_outputs_fn', 'value_grad_and_vjp')
-  loss, grads, (samples, vjp_fn) = _helpers.value_grad_and_vjp(
-      loss_from_outputs, outputs_fn, params, has_aux=has_aux
-  )
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', DeprecationWarning)
-    return loss, grads, replay_outputs_fn(samples, vjp_fn)
+  return _replayed(*_helpers.value_grad_and_vjp(*args, **kwargs))
 
 
 def nnx_value_grad_and_outputs_fn(
-    loss_from_outputs: Callable[[jax.Array], jax.Array], model: Any, *args: Any,
-    **kwargs: Any,
+    *args: Any, **kwargs: Any
 ) -> tuple[jax.Array, Any, Callable[[PyTree], jax.Array]]:
-  """Deprecated: :func:`nnx_value_grad_and_vjp`, with a replayed ``outputs_fn``."""
+  """Deprecated: :func:`nnx_value_grad_and_vjp` (same arguments), with a replayed ``outputs_fn``."""
   _warn('nnx_value_grad_and_outputs_fn', 'nnx_value_grad_and_vjp')
-  loss, grads, (samples, vjp_fn) = _helpers.nnx_value_grad_and_vjp(
-      loss_from_outputs, model, *args, **kwargs
-  )
+  return _replayed(*_helpers.nnx_value_grad_and_vjp(*args, **kwargs))
+
+
+def _replayed(
+    loss: Any, grads: Any, samples_and_vjp: tuple[jax.Array, Callable[[jax.Array], tuple[PyTree]]]
+) -> tuple[Any, Any, Callable[[PyTree], jax.Array]]:
+  """The result of the 0.2 API: the pair ``(samples, vjp_fn)`` as a replay."""
   with warnings.catch_warnings():
+    # Already warned about, under the name the caller used.
     warnings.simplefilter('ignore', DeprecationWarning)
-    return loss, grads, replay_outputs_fn(samples, vjp_fn)
+    return loss, grads, replay_outputs_fn(*samples_and_vjp)

@@ -66,16 +66,23 @@ def nnx_outputs_fn(
     >>> losses[-1] < losses[0]
     True
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
-  # Plain arrays, not the model's Variables: merge then builds fresh
-  # Variables, whose mutation (inside jax.vjp) cannot reach the model.
-  rest = nnx.as_pure(rest)
+  graphdef, _, rest = _split_pure(model, wrt)
 
   def outputs_fn(params: PyTree) -> jax.Array:
     copy = nnx.merge(graphdef, nnx.as_pure(params), rest)
     return copy(*args, **kwargs)
 
   return outputs_fn
+
+
+def _split_pure(model: Any, wrt: Any) -> tuple[Any, Any, Any]:
+  """The model's graph, its ``wrt`` state, and the rest of its state as plain arrays.
+
+  Plain arrays, not the model's Variables: ``nnx.merge`` then builds fresh
+  Variables, whose mutation (inside ``jax.vjp``) cannot reach the model.
+  """
+  graphdef, params, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
+  return graphdef, params, nnx.as_pure(rest)
 
 
 def value_grad_and_vjp(
@@ -172,7 +179,9 @@ def nnx_value_grad_and_vjp(
     >>> from flax import nnx
     >>> import kwng_jax
     >>> from kwng_jax import flax_utils
-    >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=rngs), nnx.relu,
+    ...                        nnx.Linear(8, 4, rngs=rngs))
     >>> optimizer = nnx.Optimizer(model, kwng_jax.kwng(), wrt=nnx.Param)
     >>> x = jax.random.normal(jax.random.key(0), (16, 3))
     >>> y = jnp.arange(16) % 4
@@ -189,8 +198,7 @@ def nnx_value_grad_and_vjp(
     >>> losses[-1] < losses[0]
     True
   """
-  graphdef, params, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
-  rest = nnx.as_pure(rest)
+  graphdef, params, rest = _split_pure(model, wrt)
 
   def forward(pure_params):
     copy = nnx.merge(graphdef, pure_params, rest)
