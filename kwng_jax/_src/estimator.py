@@ -205,42 +205,54 @@ def natural_gradient(
   :math:`\hat g` itself: no fallback, no clipping (see
   :func:`kwng_jax.scale_by_kwng` for those).
 
+  The estimator's options, ``num_basis`` to ``jacobian_batching`` below,
+  are keyword arguments (``**options``), validated once by one options
+  object; :func:`build_preconditioner` and
+  :func:`kwng_jax.preconditioner_from_vjp` take the same ones, with the same
+  defaults.
+
   Args:
     grads: g, the Euclidean gradient, a pytree shaped like ``params``.
     outputs_fn: ``params -> samples`` with a leading batch axis N.
     params: the point where the samples are differentiated.
+    epsilon: the regularization strength :math:`\epsilon > 0` (default 1e-5).
     key: PRNG key for the basis; not needed when the basis is pinned.
-    num_basis: M, the number of basis functions (at most N).
-    epsilon: the regularization strength :math:`\epsilon > 0`.
-    kernel: a name in :data:`kwng_jax.kernels.KERNELS`, or a scalar function
-      ``k(x, y)`` or ``k(x, y, bandwidth)``.
-    bandwidth: ``'mean_distance'`` (published), ``'median'``, or a number.
-    log_bandwidth: base-10 log of the multiplier of the bandwidth rule.
-    damping: ``'reference'`` (published), ``'safe'``, ``'squared'`` or
-      ``'identity'`` (see :func:`kwng_jax.solve.damping_diagonal`).
-    ridge: :math:`\lambda \ge 0`.
-    rcond: relative eigenvalue threshold of the whitening.
     basis_indices: M distinct sample indices, pins the basis (with
       ``basis_coords``).
     basis_coords: M coordinates in ``[0, d)``.
-    jacobian_samples: n; W, Q and T are computed from the first n samples
-      only (the basis and the bandwidth still from all N). It is the KWNG
+    jacobian_outputs_fn: ``params -> samples`` of the first n rows of the
+      batch alone (e.g. ``lambda p: model(p, x[:n])``), differentiated for T
+      instead of ``outputs_fn``; n is read from its output.
+    num_basis: M, the number of basis functions, at most N (default 5).
+    kernel: a name in :data:`kwng_jax.kernels.KERNELS`, or a scalar function
+      ``k(x, y)`` or ``k(x, y, bandwidth)`` (default ``'gaussian'``).
+    bandwidth: ``'mean_distance'`` (published, the default), ``'median'``,
+      or a number.
+    log_bandwidth: base-10 log of the multiplier of the bandwidth rule
+      (default 0).
+    damping: ``'reference'`` (published, the default), ``'safe'``,
+      ``'squared'`` or ``'identity'`` (see
+      :func:`kwng_jax.solve.damping_diagonal`).
+    ridge: :math:`\lambda \ge 0` (default 0).
+    rcond: relative eigenvalue threshold of the whitening (default None: M
+      times the machine epsilon).
+    jacobian_samples: n (default None: the whole batch); W, Q and T are
+      computed from the first n samples only (the basis and the bandwidth
+      still from all N). It is the KWNG
       estimate of the sub-batch, with the basis of the whole batch. The M
       vector–Jacobian products cost n/N of the full ones only when
       ``jacobian_outputs_fn`` computes those n samples alone; without it,
       the numbers are the same and the cost that of the whole batch.
-    jacobian_dtype: e.g. ``jnp.bfloat16``: the params are cast to it for
-      the VJPs that give T (``outputs_fn`` must then compute in the dtype of
-      the params it is given). The samples, W, Q, the whitening and the M×M
+    jacobian_dtype: e.g. ``jnp.bfloat16`` (default None: the params'
+      dtype): the params are cast to it for the VJPs that give T
+      (``outputs_fn`` must then compute in the dtype of the params it is
+      given). The samples, W, Q, the whitening and the M×M
       solve stay in the params' precision (at least float32).
     jacobian_batching: how the M VJPs run: ``'vmap'`` (one batched
       backward pass), ``'loop'`` (M backward passes unrolled), ``'map'``
-      (``jax.lax.map``), or ``'auto'``: ``'loop'`` on CPU, where XLA runs
-      the batched weight-gradient contractions slowly, ``'vmap'`` on
-      accelerators. The numbers agree to rounding.
-    jacobian_outputs_fn: ``params -> samples`` of the first n rows of the
-      batch alone (e.g. ``lambda p: model(p, x[:n])``), differentiated for T
-      instead of ``outputs_fn``; n is read from its output.
+      (``jax.lax.map``), or ``'auto'`` (the default): ``'loop'`` on CPU,
+      where XLA runs the batched weight-gradient contractions slowly,
+      ``'vmap'`` on accelerators. The numbers agree to rounding.
 
   Returns:
     ``(direction, info)``: :math:`\hat g` shaped and typed like ``grads``,
