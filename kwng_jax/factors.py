@@ -20,6 +20,7 @@ All derivatives of the kernel come from JAX autodiff of the scalar kernel.
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 from typing import Any
 
 import jax
@@ -285,6 +286,68 @@ def kernel_cotangents(
         cotangents, ((0, 0), (0, num_samples - num_rows), (0, 0))
     )
   return cotangents.reshape((num_basis,) + tuple(samples_shape))
+
+
+#: How many random probes estimate the diagonal of the samples' metric
+#: (:func:`probe_cotangents`). Measured on the ill-conditioned digits MLP
+#: (3 seeds, momentum 0.9): validation accuracy 0.89 with one probe, 0.95
+#: with two, 0.97 with four. With few probes some estimates land near zero
+#: (a chi-square with K degrees of freedom), and a damping 1 / estimate
+#: then sends those parameters far.
+NUM_PROBES = 4
+
+
+def probe_cotangents(
+    key: jax.Array, num_probes: int, num_rows: int, samples_shape: tuple[int, ...],
+    samples_dtype: jnp.dtype,
+) -> jax.Array:
+  r"""Gaussian probes :math:`v / \sqrt n`, zero beyond the first n samples.
+
+  For :math:`v` standard normal on the first n samples,
+  :math:`\mathbb E[(J^\top v)_j^2] / n = (J^\top J)_{jj} / n`: the mean
+  square of the probes' VJPs (:func:`metric_diagonal`) estimates the
+  diagonal of the samples' metric without forming J (Hutchinson's
+  estimator).
+
+  Args:
+    key: PRNG key of the probes.
+    num_probes: K.
+    num_rows: n, the samples the probes cover (as for T).
+    samples_shape: the shape ``(N, ...)`` of the samples, ``N >= n``.
+    samples_dtype: the dtype of the samples; the probes are cast to it.
+
+  Returns:
+    Shape ``(K, *samples_shape)``.
+  """
+  num_samples = samples_shape[0]
+  rows_shape = (num_probes, num_rows) + tuple(samples_shape[1:])
+  probes = jax.random.normal(key, rows_shape) / jnp.sqrt(float(num_rows))
+  if num_rows < num_samples:
+    pad = [(0, 0), (0, num_samples - num_rows)] + [(0, 0)] * (len(samples_shape) - 1)
+    probes = jnp.pad(probes, pad)
+  return probes.astype(samples_dtype)
+
+
+def metric_diagonal(pulled_probes: PyTree) -> PyTree:
+  r"""The diagonal of :math:`J^\top J / n` from the VJPs of :func:`probe_cotangents`.
+
+  Args:
+    pulled_probes: a params-shaped pytree with a leading axis of size K,
+      the VJPs of the K probes.
+
+  Returns:
+    The mean square over the K probes, shaped like the params, in at least
+    float32: an unbiased estimate of each parameter's
+    :math:`\frac1n \sum_n \|\partial X_n / \partial\theta_j\|^2`, the
+    squared distance the samples move (RMS) per unit of :math:`\theta_j`.
+  """
+
+  def mean_square(t):
+    # In at least float32: the squares of bf16 entries underflow early.
+    t = t.astype(jnp.float64 if t.dtype == jnp.float64 else jnp.float32)
+    return functools.reduce(jnp.add, [jnp.square(t[k]) for k in range(t.shape[0])]) / t.shape[0]
+
+  return jax.tree.map(mean_square, pulled_probes)
 
 
 def pullbacks(

@@ -36,7 +36,11 @@ import jax.scipy.linalg as jsl
 PyTree = Any
 
 #: The damping matrices D (see :func:`damping_diagonal`).
-DAMPINGS = ('reference', 'squared', 'identity', 'safe')
+DAMPINGS = ('reference', 'squared', 'identity', 'safe', 'metric_diagonal')
+
+#: The dampings that give the parameters the samples do not see a
+#: curvature of their own (``Preconditioner.unseen``).
+CURVATURE_DAMPINGS = ('safe', 'metric_diagonal')
 
 #: Added to column norms so that a parameter the samples do not depend on
 #: gets a large but finite damping (the published constant).
@@ -115,6 +119,10 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
   * ``'squared'``: :math:`D_j = 1 / (\|\tilde T_{:, j}\|_2^2 + 10^{-8})`,
     covariant under a rescaling :math:`\theta_j \to a\theta_j`;
   * ``'identity'``: :math:`D = 1`;
+  * ``'metric_diagonal'``: :math:`D_j^{-1} = (J^\top J)_{jj} / N`, the
+    diagonal of the samples' own metric, estimated from random probes
+    (:func:`metric_diagonal_damping`; not computable from ``whitened``
+    alone, so this function refuses it);
   * ``'safe'``: ``'reference'`` on the columns the samples see. A column
     they do not see (a column of zeros: a parameter the loss uses but
     ``outputs_fn`` does not, a ReLU unit dead on the batch, T from a
@@ -132,6 +140,11 @@ def damping_diagonal(whitened: PyTree, damping: str = 'reference') -> PyTree:
   check_damping(damping)
   if damping == 'safe':
     return safe_damping(whitened)[0]
+  if damping == 'metric_diagonal':
+    raise ValueError(
+        "damping='metric_diagonal' needs the diagonal of the samples' metric, "
+        'which the whitened factor does not hold: use metric_diagonal_damping.'
+    )
 
   def diagonal(t):
     squared_norm = sum_over_basis(jnp.square(t))
@@ -184,6 +197,59 @@ def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
       squared_norms, seen)
   unseen = jax.tree.map(
       lambda q, m: jnp.where(m, 0.0, jnp.square(typical)).astype(q.dtype), squared_norms, seen)
+  return damping, unseen
+
+
+def metric_diagonal_damping(metric_diagonal: PyTree, whitened: PyTree) -> tuple[PyTree, PyTree]:
+  r"""D and the curvature :math:`v` of ``damping='metric_diagonal'``.
+
+  With :math:`s_j = (J^\top J)_{jj} / N` the diagonal of the samples'
+  metric (:func:`kwng_jax.factors.metric_diagonal`), :math:`D_j = 1 / s_j`:
+  the damping term :math:`\epsilon D^{-1}` is :math:`\epsilon` times the
+  squared RMS distance the samples move per unit of :math:`\theta_j`
+  (Marquardt's scaling of the Levenberg–Marquardt damping, with the
+  samples' metric in place of the Gauss–Newton matrix). Both
+  :math:`\tilde T^\top\tilde T` and :math:`D^{-1}` then transform as a
+  metric when a parameter is rescaled (:math:`\theta_j \to a\theta_j`
+  multiplies both by :math:`1/a^2`), so the direction is covariant under
+  any diagonal reparametrization, on the null space of the rank-M
+  estimate too; the ``'reference'`` D (one power of the column norm) is
+  not.
+
+  A parameter the samples do not see (:math:`s_j = 0`: outside
+  ``outputs_fn``, a ReLU unit dead on the batch) is treated as
+  :func:`safe_damping` treats it: :math:`D_j^{-1}` and :math:`v_j` are
+  those of a typical seen parameter, the mean of :math:`s` and of the
+  squared column norms of :math:`\tilde T` over the seen parameters.
+
+  Args:
+    metric_diagonal: :math:`s`, params-shaped, :math:`\ge 0`.
+    whitened: :math:`\tilde T`, leaves with a leading axis of size M.
+
+  Returns:
+    ``(D, v)``, each shaped like the params, in the dtype of ``whitened``.
+  """
+  seen = jax.tree.map(lambda d: d > 0, metric_diagonal)
+  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
+  count = jnp.maximum(count, 1)
+
+  def seen_mean(tree):
+    # Unseen entries are zero in s and in T̃'s column norms alike.
+    total = functools.reduce(jnp.add, [jnp.sum(x) for x in jax.tree.leaves(tree)])
+    return total / count.astype(total.dtype)
+
+  squared_norms = jax.tree.map(lambda t: sum_over_basis(jnp.square(t)), whitened)
+  # With no parameter seen (samples that do not depend on the params) both
+  # means are 0: fall back to 1, the direction then g / (1 + eps).
+  typical_metric = seen_mean(metric_diagonal)
+  typical_metric = jnp.where(typical_metric > 0, typical_metric, 1.0)
+  typical_curvature = seen_mean(squared_norms)
+  typical_curvature = jnp.where(typical_curvature > 0, typical_curvature, 1.0)
+  damping = jax.tree.map(
+      lambda d, m, t: (1.0 / jnp.where(m, d, typical_metric)).astype(t.dtype),
+      metric_diagonal, seen, squared_norms)
+  unseen = jax.tree.map(
+      lambda m, t: jnp.where(m, 0.0, typical_curvature).astype(t.dtype), seen, squared_norms)
   return damping, unseen
 
 

@@ -400,8 +400,9 @@ print('parameters unchanged:', all(bool(jnp.array_equal(a, b)) for a, b in
 
 # %%
 images0, labels0 = train_x[:BATCH_SIZE], train_y[:BATCH_SIZE]
-preconditioner = kwng_jax.build_preconditioner(  # damping='safe', as in kwng_jax.kwng.
-    lambda p: logits_fn(p, images0), params0, key=root_key, num_basis=5, damping='safe')
+preconditioner = kwng_jax.build_preconditioner(  # the damping of kwng_jax.kwng.
+    lambda p: logits_fn(p, images0), params0, key=root_key, num_basis=5,
+    damping='metric_diagonal')
 print('eigenvalues of T D T^T:', np.linalg.eigvalsh(np.asarray(preconditioner.gram)))
 
 # %% [markdown]

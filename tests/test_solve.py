@@ -131,3 +131,37 @@ def test_damped_gram_equals_float64_product():
                   * np.asarray(damping[n], np.float64).reshape(-1))
                  @ np.asarray(whitened[n], np.float64).reshape(5, -1).T for n in ('w', 'b'))
   np.testing.assert_allclose(np.asarray(gram), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():
+  whitened = {'seen': jnp.array([[3.0, 4.0], [0.0, 0.0]]), 'unseen': jnp.zeros((2, 1))}
+  metric = {'seen': jnp.array([2.0, 6.0]), 'unseen': jnp.zeros(1)}
+  damping, curvature = solve.metric_diagonal_damping(metric, whitened)
+  np.testing.assert_allclose(damping['seen'], [0.5, 1 / 6.0])
+  np.testing.assert_allclose(curvature['seen'], [0.0, 0.0])
+  # Unseen: D⁻¹ the mean seen diagonal (4), curvature the mean seen squared
+  # column norm of T̃ ((9 + 16) / 2).
+  np.testing.assert_allclose(damping['unseen'], [0.25])
+  np.testing.assert_allclose(curvature['unseen'], [12.5])
+  with pytest.raises(ValueError, match='metric_diagonal_damping'):
+    solve.damping_diagonal(whitened, 'metric_diagonal')
+
+
+def test_metric_diagonal_is_covariant_under_rescaling_a_parameter():
+  """θ_j -> θ_j / a: the direction in θ' is the direction in θ times a, to roundoff."""
+  params, outputs_fn, loss_fn = problem_with_unused_parameter()
+  scale = jnp.array([1e-3, 1.0, 10.0, 1e2, 1.0])
+  rescaled = {**params, 'w2': params['w2'] / scale[None, :4]}
+  rescaled_fn = lambda p: outputs_fn({**p, 'w2': p['w2'] * scale[None, :4]})  # noqa: E731
+  key = jax.random.key(3)
+  kwargs = dict(key=key, num_basis=4, epsilon=1e-3, damping='metric_diagonal')
+  direction, _ = kwng_jax.natural_gradient(jax.grad(loss_fn)(params), outputs_fn, params, **kwargs)
+  grads = jax.grad(lambda p: loss_fn({**p, 'w2': p['w2'] * scale[None, :4]}))(rescaled)
+  rescaled_direction, _ = kwng_jax.natural_gradient(grads, rescaled_fn, rescaled, **kwargs)
+  np.testing.assert_allclose(rescaled_direction['w2'] * scale[None, :4], direction['w2'],
+                             rtol=1e-3, atol=1e-6 * float(jnp.max(jnp.abs(direction['w2']))))
+  # The published damping is not covariant.
+  kwargs['damping'] = 'safe'
+  direction, _ = kwng_jax.natural_gradient(jax.grad(loss_fn)(params), outputs_fn, params, **kwargs)
+  rescaled_direction, _ = kwng_jax.natural_gradient(grads, rescaled_fn, rescaled, **kwargs)
+  assert not np.allclose(rescaled_direction['w2'] * scale[None, :4], direction['w2'], rtol=0.1)

@@ -28,7 +28,7 @@ def kwng(
     kernel: kernels_lib.KernelLike = 'gaussian',
     bandwidth: kernels_lib.BandwidthLike = 'mean_distance',
     log_bandwidth: float = 0.0,
-    damping: options.Damping = 'safe',
+    damping: options.Damping = 'metric_diagonal',
     ridge: float = 0.0,
     rcond: float | None = None,
     seed: int = 0,
@@ -83,9 +83,18 @@ def kwng(
   preconditioned gradient step, and shrinks (times 0.85) when it decreased
   it by more than three quarters, within :math:`[10^{-10}, 10^5]`; a step
   that momentum sends uphill (:math:`\langle g, u\rangle > 0`) counts as
-  failed. The
-  damping ``'safe'`` gives parameters that the samples do not see (used by
-  the loss but not by ``outputs_fn``; dead units) a bounded step.
+  failed.
+
+  The damping ``'metric_diagonal'`` makes :math:`\epsilon D^{-1}`
+  :math:`\epsilon` times the diagonal of the samples' own metric,
+  :math:`(J^\top J)_{jj} / N`, estimated from four random probes that ride
+  in the same batched VJP as T
+  (:func:`kwng_jax.solve.metric_diagonal_damping`). Rescaling a parameter
+  then rescales both terms of the metric alike, so the direction is
+  covariant under any diagonal reparametrization, on the null space of the
+  rank-M estimate too (the published damping is not); parameters that the
+  samples do not see (used by the loss but not by ``outputs_fn``; dead
+  units) get a bounded step.
 
   The update takes ``outputs_fn=`` and, when adaptive, ``value=`` (the
   loss of the batch): ``opt.update(grads, state, params,
@@ -103,7 +112,8 @@ def kwng(
     kernel: see :func:`kwng_jax.scale_by_kwng`.
     bandwidth: see :func:`kwng_jax.scale_by_kwng`.
     log_bandwidth: see :func:`kwng_jax.scale_by_kwng`.
-    damping: see :func:`kwng_jax.scale_by_kwng` (default ``'safe'``).
+    damping: see :func:`kwng_jax.scale_by_kwng` (default
+      ``'metric_diagonal'``).
     ridge: see :func:`kwng_jax.scale_by_kwng`.
     rcond: see :func:`kwng_jax.scale_by_kwng`.
     seed: see :func:`kwng_jax.scale_by_kwng`.

@@ -230,9 +230,9 @@ def natural_gradient(
       or a number.
     log_bandwidth: base-10 log of the multiplier of the bandwidth rule
       (default 0).
-    damping: ``'reference'`` (published, the default), ``'safe'``,
-      ``'squared'`` or ``'identity'`` (see
-      :func:`kwng_jax.solve.damping_diagonal`).
+    damping: ``'reference'`` (published, the default),
+      ``'metric_diagonal'``, ``'safe'``, ``'squared'`` or ``'identity'``
+      (see :func:`kwng_jax.solve.damping_diagonal`).
     ridge: :math:`\lambda \ge 0` (default 0).
     rcond: relative eigenvalue threshold of the whitening (default None: M
       times the machine epsilon).

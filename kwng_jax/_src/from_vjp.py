@@ -48,6 +48,17 @@ def basis_key(seed: int | jax.Array, count: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), count)
 
 
+def probe_key(key: jax.Array | None) -> jax.Array:
+  """The PRNG key of the probes of ``damping='metric_diagonal'``.
+
+  Derived from the basis key, so that two runs with the same seed use the
+  same probes; with a pinned basis and no key, a fixed one.
+  """
+  if key is None:
+    return jax.random.key(0)
+  return jax.random.fold_in(key, 1)
+
+
 def preconditioner_from_vjp(
     samples: jax.Array,
     vjp_fn: VJPFn,
@@ -229,6 +240,13 @@ def from_vjp(
     rkhs = factors.basis_rkhs_gram(kernel_fn, basis, basis_coords, sigma)
     gram = gram + jnp.asarray(opts.ridge).astype(kernel_dtype) * rkhs
   cotangents = factors.kernel_cotangents(cross, jacobian_like.shape, jacobian_like.dtype)
+  num_probes = 0
+  if opts.damping == 'metric_diagonal':
+    # The probes ride in the same batched VJP as T, on the same rows.
+    num_probes = factors.NUM_PROBES
+    probes = factors.probe_cotangents(
+        probe_key(key), num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
+    cotangents = jnp.concatenate([cotangents, sharding.like(probes, cotangents)])
   if loss_cotangent is not None:
     cotangents = jnp.concatenate(
         [jnp.asarray(loss_cotangent).astype(cotangents.dtype)[None], cotangents])
@@ -238,6 +256,10 @@ def from_vjp(
   if loss_cotangent is not None:
     loss_pullback = jax.tree.map(lambda t: t[0], jacobian)
     jacobian = jax.tree.map(lambda t: t[1:], jacobian)
+  metric_diagonal = None
+  if num_probes:
+    metric_diagonal = factors.metric_diagonal(jax.tree.map(lambda t: t[-num_probes:], jacobian))
+    jacobian = jax.tree.map(lambda t: t[:-num_probes], jacobian)
   if jacobian_like.dtype != samples.dtype:
     # Back to the samples' dtype: everything after the VJP (whitening,
     # damping, the M×M solve) runs in the precision of the default path.
@@ -246,6 +268,8 @@ def from_vjp(
     whitened, rank = solve.whitened_jacobian(jacobian, gram, opts.rcond)
     if opts.damping == 'safe':
       damping_diag, unseen = solve.safe_damping(whitened)
+    elif metric_diagonal is not None:
+      damping_diag, unseen = solve.metric_diagonal_damping(metric_diagonal, whitened)
     else:
       damping_diag, unseen = solve.damping_diagonal(whitened, opts.damping), None
     # The contraction over the parameters runs over FSDP-sharded axes.

@@ -73,9 +73,9 @@ class Preconditioner(NamedTuple):
       gradient).
     valid_hyperparameters: whether the options given as traced values
       (ridge, bandwidth, rcond, a pinned basis) were in range.
-    unseen: with ``damping='safe'``, the curvature given to the parameters
-      the samples do not see (:func:`kwng_jax.solve.safe_damping`);
-      None otherwise.
+    unseen: with ``damping='safe'`` or ``'metric_diagonal'``, the
+      curvature given to the parameters the samples do not see
+      (:func:`kwng_jax.solve.safe_damping`); None otherwise.
   """
 
   whitened: PyTree
@@ -102,8 +102,8 @@ class Preconditioner(NamedTuple):
     Args:
       params: the parameters (or their shape-dtype structs).
       num_basis: M.
-      damping: the damping it will hold (``'safe'`` stores one more
-        params-shaped pytree).
+      damping: the damping it will hold (``'safe'`` and
+        ``'metric_diagonal'`` store one more params-shaped pytree).
 
     Returns:
       A :class:`Preconditioner` with :math:`\tilde T` of shape
@@ -139,5 +139,5 @@ class Preconditioner(NamedTuple):
         finite_samples=jnp.zeros((), jnp.bool_),
         depends_on_params=jnp.zeros((), jnp.bool_),
         valid_hyperparameters=jnp.ones((), jnp.bool_),
-        unseen=jax.tree.map(zeros, params) if damping == 'safe' else None,
+        unseen=jax.tree.map(zeros, params) if damping in solve.CURVATURE_DAMPINGS else None,
     )
