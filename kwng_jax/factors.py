@@ -12,7 +12,10 @@ kernel :math:`k`:
   the RKHS Gram of the basis functions (:func:`basis_rkhs_gram`);
 * :math:`T[m] = \sum_{n} (W[m, n] / N)^\top \partial_\theta X_n`, the M
   vector–Jacobian products (:func:`jacobian_factor`), from one ``jax.vjp``
-  of the sample function and one ``jax.vmap`` over the M cotangents.
+  of the sample function and one ``jax.vmap`` over the M cotangents;
+* for the damping ``'metric_diagonal'``, the diagonal of the samples' metric
+  :math:`(J^\top J)_{jj} / N`, from the VJPs of random probes
+  (:func:`probe_cotangents`, :func:`metric_diagonal`).
 
 All derivatives of the kernel come from JAX autodiff of the scalar kernel.
 """

@@ -216,7 +216,8 @@ def natural_gradient(
     outputs_fn: ``params -> samples`` with a leading batch axis N.
     params: the point where the samples are differentiated.
     epsilon: the regularization strength :math:`\epsilon > 0` (default 1e-5).
-    key: PRNG key for the basis; not needed when the basis is pinned.
+    key: PRNG key for the basis (and the probes of ``'metric_diagonal'``);
+      not needed when the basis is pinned (the probes then use a fixed key).
     basis_indices: M distinct sample indices, pins the basis (with
       ``basis_coords``).
     basis_coords: M coordinates in ``[0, d)``.
