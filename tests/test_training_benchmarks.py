@@ -81,7 +81,7 @@ def test_classification_quick_writes_complete_json(bench, tmp_path):
     # 'Muon' is the Muon entry with the better validation accuracy.
     muons = [name for name in selected if name.startswith('Muon')]
     assert entries['Muon']['method'] == max(muons, key=lambda m: selected[m]['val_accuracy']['mean'])
-    kwngs = (classification.KWNG, classification.KWNG_M20)
+    kwngs = classification.TARGETED
     assert sorted(comparison['versus']) == sorted(kwngs)
     for kwng in kwngs:
       versus = comparison['versus'][kwng]
