@@ -185,13 +185,9 @@ def safe_damping(whitened: PyTree) -> tuple[PyTree, PyTree]:
   """
   squared_norms = jax.tree.map(lambda t: sum_over_basis(jnp.square(t)), whitened)
   seen = jax.tree.map(lambda q: q > 0, squared_norms)
-  # Unseen columns have q = 0: the sum over all columns is that over the seen.
-  total = functools.reduce(jnp.add, [jnp.sum(q) for q in jax.tree.leaves(squared_norms)])
-  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
-  mean_square = total / jnp.maximum(count, 1).astype(total.dtype)
-  typical = jnp.where(count > 0, jnp.sqrt(mean_square), 1.0)
+  typical = jnp.sqrt(_mean_over_seen(squared_norms, seen))
   damping = jax.tree.map(
       lambda q, m: 1.0 / jnp.where(m, jnp.sqrt(q) + DAMPING_OFFSET, typical.astype(q.dtype)),
       squared_norms, seen)
@@ -230,20 +226,13 @@ def metric_diagonal_damping(metric_diagonal: PyTree, whitened: PyTree) -> tuple[
     ``(D, v)``, each shaped like the params, in the dtype of ``whitened``.
   """
   seen = jax.tree.map(lambda d: d > 0, metric_diagonal)
-  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
-  count = jnp.maximum(count, 1)
-
-  def seen_mean(tree):
-    # Unseen entries are zero in s and in T̃'s column norms alike.
-    total = functools.reduce(jnp.add, [jnp.sum(x) for x in jax.tree.leaves(tree)])
-    return total / count.astype(total.dtype)
-
   squared_norms = jax.tree.map(lambda t: sum_over_basis(jnp.square(t)), whitened)
   # With no parameter seen (samples that do not depend on the params) both
-  # means are 0: fall back to 1, the direction then g / (1 + eps).
-  typical_metric = seen_mean(metric_diagonal)
-  typical_metric = jnp.where(typical_metric > 0, typical_metric, 1.0)
-  typical_curvature = seen_mean(squared_norms)
+  # are 1: the direction is then g / (1 + eps).
+  typical_metric = _mean_over_seen(metric_diagonal, seen)
+  typical_curvature = _mean_over_seen(squared_norms, seen)
+  # T̃ can be zero where J is not (the whitening dropped every mode): the
+  # unseen parameters still get a curvature, so their step stays bounded.
   typical_curvature = jnp.where(typical_curvature > 0, typical_curvature, 1.0)
   damping = jax.tree.map(
       lambda d, m, t: (1.0 / jnp.where(m, d, typical_metric)).astype(t.dtype),
@@ -251,6 +240,19 @@ def metric_diagonal_damping(metric_diagonal: PyTree, whitened: PyTree) -> tuple[
   unseen = jax.tree.map(
       lambda m, t: jnp.where(m, 0.0, typical_curvature).astype(t.dtype), seen, squared_norms)
   return damping, unseen
+
+
+def _mean_over_seen(values: PyTree, seen: PyTree) -> jax.Array:
+  """The mean of ``values`` over the entries ``seen`` marks; 1 if there are none.
+
+  ``values`` is zero on the unseen entries (a zero column of J gives zero
+  column norms and a zero metric diagonal), so the sum over all entries is
+  the sum over the seen ones.
+  """
+  total = functools.reduce(jnp.add, [jnp.sum(v) for v in jax.tree.leaves(values)])
+  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
+  mean = total / jnp.maximum(count, 1).astype(total.dtype)
+  return jnp.where(count > 0, mean, 1.0).astype(total.dtype)
 
 
 def sum_over_basis(x: jax.Array) -> jax.Array:

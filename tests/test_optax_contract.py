@@ -21,6 +21,7 @@ import kwng_jax
 
 OPTIMIZERS = {
     'kwng': lambda: kwng_jax.kwng(),
+    'kwng metric_diagonal': lambda: kwng_jax.kwng(damping='metric_diagonal'),
     'published_kwng': lambda: kwng_jax.published_kwng(0.1),
     'custom chain': lambda: optax.chain(
         kwng_jax.scale_by_kwng(epsilon=1e-3), optax.clip_by_global_norm(1.0),

@@ -92,20 +92,20 @@ def same_spec(spec, expected, ndim):
   return pad(spec) == pad(expected)
 
 
-def optimizer(update_every=1):
+def optimizer(update_every=1, damping='reference'):
   # KWNG direction, clipped, SGD: the published chain without adaptive
   # damping, so that the raw preconditioned update is compared.
   return optax.chain(
-      kwng_jax.scale_by_kwng(num_basis=5, update_every=update_every),
+      kwng_jax.scale_by_kwng(num_basis=5, update_every=update_every, damping=damping),
       optax.clip_by_global_norm(1.0),
       optax.sgd(0.1),
   )
 
 
 @functools.lru_cache
-def single_device_updates(update_every, num_steps):
+def single_device_updates(update_every, num_steps, damping='reference'):
   params, inputs, targets = make_problem()
-  return run(optimizer(update_every), params, inputs, targets, num_steps)[0]
+  return run(optimizer(update_every, damping), params, inputs, targets, num_steps)[0]
 
 
 @pytest.mark.parametrize('layout', ['batch', 'fsdp'])
@@ -123,6 +123,17 @@ def test_sharded_update_equals_single_device_update(axis_type, layout):
     # In Explicit mode shardings are types: the update has the params' one.
     for name, leaf in updates[-1].items():
       assert same_spec(leaf.sharding.spec, LAYOUTS[layout][name], leaf.ndim), name
+
+
+def test_metric_diagonal_probes_shard_like_the_kernel_cotangents():
+  """The probes join T's batched VJP on an explicit FSDP mesh; same update as one device."""
+  expected = single_device_updates(update_every=1, num_steps=2, damping='metric_diagonal')
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AXIS_TYPES['explicit'],))
+  with jax.set_mesh(mesh):
+    updates, _ = run(optimizer(damping='metric_diagonal'), *shard(mesh, *make_problem(), 'fsdp'),
+                     num_steps=2)
+  for step, (got, want) in enumerate(zip(updates, expected)):
+    assert relative_difference(got, want) < 1e-5, (step, relative_difference(got, want))
 
 
 @pytest.mark.usefixtures('enable_x64')

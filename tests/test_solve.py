@@ -100,13 +100,14 @@ def test_samples_that_see_no_parameter_give_a_scaled_gradient():
   np.testing.assert_allclose(direction['w'], 1.0 / 1.01, rtol=1e-6)
 
 
-def test_stored_preconditioner_holds_the_unseen_curvature():
+@pytest.mark.parametrize('damping', ['safe', 'metric_diagonal'])
+def test_stored_preconditioner_holds_the_unseen_curvature(damping):
   params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
-  empty = kwng_jax.Preconditioner.empty(params, 4, damping='safe')
+  empty = kwng_jax.Preconditioner.empty(params, 4, damping=damping)
   assert jax.tree.structure(empty.unseen) == jax.tree.structure(params)
   assert kwng_jax.Preconditioner.empty(params, 4).unseen is None
   params, outputs_fn, loss_fn = problem_with_unused_parameter()
-  opt = kwng_jax.scale_by_kwng(num_basis=4, damping='safe', update_every=2)
+  opt = kwng_jax.scale_by_kwng(num_basis=4, damping=damping, update_every=2)
   state = opt.init(params)
   grads = jax.grad(loss_fn)(params)
   step = jax.jit(lambda s: opt.update(grads, s, params, outputs_fn=outputs_fn))
