@@ -126,7 +126,7 @@ def test_no_momentum_is_the_single_step_rule():
   params = jnp.zeros((3, 2))
   grads = jax.grad(lambda p: jnp.mean((outputs_fn(p) - 1.0) ** 2))(params)
   single = kwng_jax.kwng(0.3, momentum=None, adaptive=False)
-  capped = optax.chain(kwng_jax.scale_by_kwng(damping='safe'),
+  capped = optax.chain(kwng_jax.scale_by_kwng(damping='metric_diagonal'),
                        kwng_jax.scale_by_displacement(1.0, mode='cap'))
   expected, _ = capped.update(grads, capped.init(params), params, outputs_fn=outputs_fn)
   updates, state = single.update(grads, single.init(params), params, outputs_fn=outputs_fn)

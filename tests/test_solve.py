@@ -1,4 +1,4 @@
-"""The 'safe' damping: parameters whose column of T̃ is zero."""
+"""The dampings (zero columns of T̃, the samples' metric diagonal) and the damped solve."""
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +146,23 @@ def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones(
   np.testing.assert_allclose(curvature['unseen'], [12.5])
   with pytest.raises(ValueError, match='metric_diagonal_damping'):
     solve.damping_diagonal(whitened, 'metric_diagonal')
+
+
+def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():
+  """A barely moved entry of a kernel gets at least 1e-2 of its unit's mean; vectors are not floored."""
+  # Column 0: mean 1, so 1e-6 is floored to 1e-2 (the zero stays unseen);
+  # column 1: mean 1e-8, every entry within 1e2 of it, so none moves.
+  kernel = jnp.array([[3.0, 1e-8], [1e-6, 2e-8], [0.0, 0.0]])
+  metric = {'kernel': kernel, 'bias': jnp.array([1.0, 1e-9])}
+  whitened = {'kernel': jnp.ones((2, 3, 2)), 'bias': jnp.ones((2, 2))}
+  damping, curvature = solve.metric_diagonal_damping(metric, whitened)
+  floor = solve.METRIC_DIAGONAL_FLOOR
+  np.testing.assert_allclose(damping['kernel'][:2], 1.0 / np.array([[3.0, 1e-8], [floor, 2e-8]]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(damping['bias'], [1.0, 1e9], rtol=1e-6)
+  # The zero entries are unseen: the typical seen diagonal and curvature.
+  assert float(damping['kernel'][2, 0]) == float(damping['kernel'][2, 1]) > 0
+  assert float(curvature['kernel'][2, 0]) > 0 and float(curvature['kernel'][0, 0]) == 0
 
 
 def test_metric_diagonal_is_covariant_under_rescaling_a_parameter():

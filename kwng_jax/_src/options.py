@@ -74,7 +74,7 @@ class EstimatorOptions:
   take these as flat keyword arguments, build one ``EstimatorOptions`` and
   pass it inward; :func:`kwng_jax.natural_gradient` says what each option
   means, and these defaults are those of every entry point but
-  :func:`kwng_jax.kwng` (whose ``damping`` is ``'safe'``). Numeric
+  :func:`kwng_jax.kwng` (whose ``damping`` is ``'metric_diagonal'``). Numeric
   options may be traced (``optax.inject_hyperparams``): those are checked
   inside the computation (:func:`traced_options_valid`).
   """

@@ -152,8 +152,8 @@ def scale_by_kwng(
     kernel: a kernel name or a scalar function ``k(x, y[, bandwidth])``.
     bandwidth: ``'mean_distance'`` (published), ``'median'``, or a number.
     log_bandwidth: base-10 log of the multiplier of the bandwidth rule.
-    damping: ``'reference'`` (published), ``'safe'`` (the recommended
-      :func:`kwng_jax.kwng`'s), ``'metric_diagonal'``, ``'squared'`` or
+    damping: ``'reference'`` (published), ``'metric_diagonal'`` (the
+      recommended :func:`kwng_jax.kwng`'s), ``'safe'``, ``'squared'`` or
       ``'identity'`` (see :func:`kwng_jax.solve.damping_diagonal`).
     ridge: :math:`\lambda \ge 0` (0: the ridgeless estimator).
     rcond: relative eigenvalue threshold of the whitening.
