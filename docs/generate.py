@@ -145,9 +145,10 @@ def _convex_intro() -> list[str]:
           'not see (targets with noise 0.3 and 0.1); `benchmarks/convex.py`.', '',
           'With noise 0.1 the likelihood is 100 times sharper in sample space than the '
           'natural-gradient step assumes; ε climbs to keep steps from raising the loss, and '
-          'the unseen log σ, whose step shrinks as 1/(c² + εc), converges slowly. The damping '
-          "`'reference'` gives that unseen parameter a step of order g/ε, which is why "
-          "`kwng` defaults to `'safe'`.", '']
+          'the unseen log σ, whose step shrinks as 1/(v + ε/D) (v and D those of a typical '
+          'seen parameter), converges slowly. The damping '
+          "`'reference'` gives that unseen parameter a step of order g/ε; `kwng`'s "
+          "`'metric_diagonal'` and `'safe'` bound it.", '']
 
 
 def notebooks() -> list[str]:

@@ -286,11 +286,12 @@ print(f"{name} test accuracy {histories[name]['accuracy'][-1]:.3f}   "
 #
 # Training loss and test accuracy per epoch. SGD barely trains the logits of
 # the small-scale classes, so its accuracy saturates well below the others';
-# KWNG, which measures steps in the space of logits, does not care how they
-# are scaled. Adam adapts a step size to each parameter, which helps with
-# this head, but it still moves every parameter by about its learning rate,
-# whatever the parameter's scale; the reparametrizations a natural gradient
-# is invariant to are more general still.
+# KWNG, which measures steps in the space of logits and damps each
+# parameter by how far it moves them, does not care how they are scaled.
+# Adam adapts a step size to each parameter, which helps with this head, but
+# it still moves every parameter by about its learning rate, whatever the
+# parameter's scale, and trails far behind; the reparametrizations a
+# natural gradient is invariant to are more general still.
 #
 # The published chain measures its step in parameter space, where the head
 # stretches the geometry by $10^{14}$: with the paper's learning rate of 10

@@ -287,7 +287,7 @@ plt.show()
 #   lags. A bandwidth ten times smaller fixes it here. Notebook 04 shows how
 #   the bandwidth changes the estimate and what the diagnostics say.
 # * With that bandwidth, KWNG keeps pace with Adam per step and, at these
-#   defaults, ends with the lowest held-out MMD of the four runs, although
+#   defaults, ends close to it and ahead of the published chain, although
 #   with far fewer basis functions than parameters ($M \ll P$, printed
 #   above) it measures only a few directions of the metric. The margins of
 #   such short runs move with the seed and the settings: compare the

@@ -332,9 +332,9 @@ plt.show()
 #   learns to separate the classes (it is in squared-logit units).
 # * `alignment` is positive at every step, and large: the part of $g$ the
 #   kernel estimate does not cover is scaled by $1/\epsilon$, with
-#   $\epsilon$ near $10^{-5}$ here.
+#   $\epsilon$ between $10^{-6}$ and $10^{-5}$ here.
 # * `displacement` shows what that means on the samples: the direction
-#   $\hat g$ itself would move the logits by $10^6$ to $10^{11}$ (RMS), far
+#   $\hat g$ itself would move the logits by $10^6$ to $10^8$ (RMS), far
 #   above the cap of 1 (dotted). `displacement_scale` shortens every step
 #   accordingly, so each capped step moves the logits by exactly the
 #   learning rate, and the update, a running average of such steps
@@ -400,8 +400,9 @@ print('parameters unchanged:', all(bool(jnp.array_equal(a, b)) for a, b in
 
 # %%
 images0, labels0 = train_x[:BATCH_SIZE], train_y[:BATCH_SIZE]
-preconditioner = kwng_jax.build_preconditioner(  # damping='safe', as in kwng_jax.kwng.
-    lambda p: logits_fn(p, images0), params0, key=root_key, num_basis=5, damping='safe')
+preconditioner = kwng_jax.build_preconditioner(  # the damping of kwng_jax.kwng.
+    lambda p: logits_fn(p, images0), params0, key=root_key, num_basis=5,
+    damping='metric_diagonal')
 print('eigenvalues of T D T^T:', np.linalg.eigvalsh(np.asarray(preconditioner.gram)))
 
 # %% [markdown]
