@@ -332,9 +332,9 @@ plt.show()
 #   learns to separate the classes (it is in squared-logit units).
 # * `alignment` is positive at every step, and large: the part of $g$ the
 #   kernel estimate does not cover is scaled by $1/\epsilon$, with
-#   $\epsilon$ between $10^{-6}$ and $10^{-5}$ here.
+#   $\epsilon$ between about $6 \times 10^{-7}$ and $10^{-5}$ here.
 # * `displacement` shows what that means on the samples: the direction
-#   $\hat g$ itself would move the logits by $10^6$ to $10^8$ (RMS), far
+#   $\hat g$ itself would move the logits by $10^6$ to a few $10^8$ (RMS), far
 #   above the cap of 1 (dotted). `displacement_scale` shortens every step
 #   accordingly, so each capped step moves the logits by exactly the
 #   learning rate, and the update, a running average of such steps
@@ -454,7 +454,8 @@ plt.show()
 #   the published one (a decade in 71). Neither rule drives $\epsilon$
 #   towards what trains fastest: they test whether the first-order model of
 #   the loss can be trusted. Here both rules shrink $\epsilon$ over the
-#   100 steps, the published one the most: like the per-step rule it
+#   100 steps, the published one the most from the two lower starts: like
+#   the per-step rule it
 #   compares the losses of two *different* minibatches, so $\rho$ is noisy,
 #   and keeping the largest $\rho$ of the window biases it upwards.
 # * A start far above the eigenvalues of $\tilde T D \tilde T^\top$
