@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +299,65 @@ def kernel_cotangents(
 #: then sends those parameters far.
 NUM_PROBES = 4
 
+#: The probes per step of an optimizer (:func:`kwng_jax.scale_by_kwng`),
+#: whose state averages the estimates over steps (:class:`DiagonalAverage`)
+#: instead of drawing :data:`NUM_PROBES` at every step. Two, not one: the
+#: first step has only its own estimate, and from one probe some entries
+#: land near zero (a chi-square with one degree of freedom).
+AVERAGED_PROBES = 2
+
+#: The decay of that running average. Measured on the digits benchmarks (3
+#: seeds; validation accuracy at the best learning rate), two probes per
+#: step averaged with decay 0.9 against four per step without averaging:
+#: 0.973 / 0.972 on the well-conditioned CNN, 0.970 / 0.956 on the
+#: ill-conditioned CNN, 0.973 / 0.967 on the ill-conditioned MLP, at two
+#: VJPs less per step (one probe: 0.967, 0.974, 0.973).
+DIAGONAL_DECAY = 0.9
+
+
+class DiagonalAverage(NamedTuple):
+  r"""A running average of the probe estimates of the metric diagonal.
+
+  Attributes:
+    total: :math:`\sum_s \beta^{t-s} (1 - \beta) \hat s_s`, params-shaped,
+      in at least float32 (zeros before the first step).
+    weight: :math:`1 - \beta^t`, the weight ``total`` carries, t the number
+      of estimates so far; ``total / weight`` is the debiased average.
+  """
+
+  total: PyTree
+  weight: jax.Array
+
+  @classmethod
+  def zeros(cls, params: PyTree) -> 'DiagonalAverage':
+    """The average before the first step, shaped and sharded like ``params``."""
+    return cls(
+        total=jax.tree.map(
+            lambda p: jnp.zeros_like(p, dtype=_estimate_dtype(p.dtype)), params),
+        weight=jnp.zeros((), jnp.float32),
+    )
+
+
+def averaged_diagonal(
+    average: DiagonalAverage, estimate: PyTree, decay: float = DIAGONAL_DECAY
+) -> tuple[DiagonalAverage, PyTree]:
+  r"""Adds ``estimate`` to the running average; returns it and the debiased average.
+
+  Args:
+    average: the average so far.
+    estimate: this step's :func:`metric_diagonal`, params-shaped.
+    decay: :math:`\beta \in [0, 1)`.
+
+  Returns:
+    ``(new_average, diagonal)``, ``diagonal`` the debiased average, in the
+    dtype of ``average.total``.
+  """
+  weight = decay * average.weight + (1.0 - decay)
+  total = jax.tree.map(lambda a, e: decay * a + (1.0 - decay) * e.astype(a.dtype),
+                       average.total, estimate)
+  diagonal = jax.tree.map(lambda a: a / weight.astype(a.dtype), total)
+  return DiagonalAverage(total, weight), diagonal
+
 
 def probe_cotangents(
     key: jax.Array, num_probes: int, num_rows: int, samples_shape: tuple[int, ...],
@@ -331,6 +390,11 @@ def probe_cotangents(
   return probes.astype(samples_dtype)
 
 
+def _estimate_dtype(dtype: Any) -> Any:
+  """The dtype of the metric diagonal of VJPs of ``dtype``: at least float32."""
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
 def metric_diagonal(pulled_probes: PyTree) -> PyTree:
   r"""The diagonal of :math:`J^\top J / n` from the VJPs of :func:`probe_cotangents`.
 
@@ -347,7 +411,7 @@ def metric_diagonal(pulled_probes: PyTree) -> PyTree:
 
   def mean_square(t):
     # In at least float32: the squares of bf16 entries underflow early.
-    t = t.astype(jnp.float64 if t.dtype == jnp.float64 else jnp.float32)
+    t = t.astype(_estimate_dtype(t.dtype))
     return functools.reduce(jnp.add, [jnp.square(t[k]) for k in range(t.shape[0])]) / t.shape[0]
 
   return jax.tree.map(mean_square, pulled_probes)

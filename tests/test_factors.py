@@ -154,3 +154,19 @@ def test_probes_estimate_the_diagonal_of_the_samples_metric(num_rows):
   expected_w = jnp.broadcast_to(jnp.mean(jnp.square(x[:num_rows]), axis=0)[:, None], (3, 2))
   np.testing.assert_allclose(diagonal['w'], expected_w, rtol=0.05)
   np.testing.assert_allclose(diagonal['b'], jnp.ones(2), rtol=0.05)
+
+
+def test_averaged_diagonal_is_the_debiased_exponential_average():
+  params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)}
+  average = factors.DiagonalAverage.zeros(params)
+  estimates = [jax.tree.map(lambda p, c=c: jnp.full(p.shape, c), params) for c in (4.0, 1.0, 2.0)]
+  diagonals = []
+  for estimate in estimates:
+    average, diagonal = factors.averaged_diagonal(average, estimate, decay=0.5)
+    diagonals.append(diagonal)
+  # The first is the estimate itself; then sum_s b^(t-s) (1-b) e_s / (1 - b^t).
+  np.testing.assert_allclose(diagonals[0]['w'], 4.0, rtol=1e-6)
+  np.testing.assert_allclose(diagonals[1]['b'], (0.25 * 4 + 0.5 * 1) / 0.75, rtol=1e-6)
+  np.testing.assert_allclose(diagonals[2]['w'], (0.125 * 4 + 0.25 * 1 + 0.5 * 2) / 0.875,
+                             rtol=1e-6)
+  np.testing.assert_allclose(average.weight, 0.875, rtol=1e-6)

@@ -44,6 +44,42 @@ def test_update_equals_natural_gradient_with_the_derived_key(mlp_problem):
   np.testing.assert_allclose(state.kwng_info.alignment, info.alignment, rtol=1e-6)
 
 
+@pytest.mark.parametrize('update_every, builds', [(1, 3), (2, 2)])
+def test_metric_diagonal_state_averages_the_probes_of_each_build(mlp_problem, update_every,
+                                                                  builds):
+  params, outputs_fn, loss_fn = mlp_problem
+  opt = kwng_jax.scale_by_kwng(num_basis=5, damping='metric_diagonal', update_every=update_every)
+  _, state, _ = run_steps(opt, params, outputs_fn, loss_fn, 3)
+  average = state.kwng_metric_diagonal
+  # One estimate per build (steps 0, 1, 2 or steps 0, 2), decay 0.9.
+  np.testing.assert_allclose(average.weight, 1 - kwng_jax.factors.DIAGONAL_DECAY ** builds,
+                             rtol=1e-6)
+  assert jax.tree.structure(average.total) == jax.tree.structure(params)
+  assert all(bool(jnp.all(t > 0)) for t in jax.tree.leaves(average.total))
+  assert kwng_jax.scale_by_kwng(num_basis=5).init(params).kwng_metric_diagonal is None
+
+
+def test_metric_diagonal_damping_uses_the_state_average(mlp_problem):
+  """Scaling the stored average of one array changes its step; an outside preconditioner keeps it."""
+  params, outputs_fn, loss_fn = mlp_problem
+  opt = kwng_jax.scale_by_kwng(num_basis=5, damping='metric_diagonal')
+  _, state, _ = run_steps(opt, params, outputs_fn, loss_fn, 2)
+  grads = jax.grad(loss_fn)(params)
+  update = jax.jit(functools.partial(opt.update, outputs_fn=outputs_fn))
+  direction, _ = update(grads, state, params)
+  total = state.kwng_metric_diagonal.total
+  scaled = state._replace(kwng_metric_diagonal=state.kwng_metric_diagonal._replace(
+      total={**total, 'w1': total['w1'] * 1e4}))
+  changed, new_state = update(grads, scaled, params)
+  assert not np.allclose(changed['w1'], direction['w1'], rtol=1e-2)
+  # A preconditioner built without the state leaves the average as it was.
+  preconditioner = kwng_jax.build_preconditioner(
+      outputs_fn, params, key=jax.random.key(0), num_basis=5, damping='metric_diagonal')
+  _, kept = opt.update(grads, state, params, outputs_fn=outputs_fn, preconditioner=preconditioner)
+  np.testing.assert_array_equal(kept.kwng_metric_diagonal.weight, state.kwng_metric_diagonal.weight)
+  assert float(new_state.kwng_metric_diagonal.weight) > float(state.kwng_metric_diagonal.weight)
+
+
 def test_jit_equals_eager_and_does_not_recompile(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
   opt = kwng_jax.kwng(learning_rate=0.1)

@@ -125,6 +125,7 @@ def from_vjp_of_options(
     key: jax.Array | None = None,
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
+    diagonal_average: factors.DiagonalAverage | None = None,
 ) -> Preconditioner:
   """:func:`preconditioner_from_vjp` with its options already validated."""
   if not callable(vjp_fn):
@@ -145,6 +146,7 @@ def from_vjp_of_options(
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
+      diagonal_average=diagonal_average,
   )[0]
 
 
@@ -155,6 +157,7 @@ def from_vjp_with_pullback(
     loss_cotangent: jax.Array,
     *,
     key: jax.Array,
+    diagonal_average: factors.DiagonalAverage | None = None,
 ) -> tuple[Preconditioner, PyTree]:
   r"""The preconditioner, and :math:`J^\top` ``loss_cotangent``, in one backward pass.
 
@@ -168,7 +171,7 @@ def from_vjp_with_pullback(
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=None, basis_coords=None,
       jacobian_like=jacobian_like, num_rows=samples.shape[0],
-      loss_cotangent=loss_cotangent,
+      loss_cotangent=loss_cotangent, diagonal_average=diagonal_average,
   )
 
 
@@ -183,6 +186,7 @@ def from_vjp(
     jacobian_like: jax.ShapeDtypeStruct,
     num_rows: int,
     loss_cotangent: jax.Array | None = None,
+    diagonal_average: factors.DiagonalAverage | None = None,
 ) -> tuple[Preconditioner, PyTree | None]:
   """The preconditioner from checked samples and the VJP of their first rows.
 
@@ -190,7 +194,10 @@ def from_vjp(
   differentiates (n rows, or the whole batch); W, Q and T are computed from
   the first ``num_rows`` = n samples (the basis and the bandwidth from all of
   ``samples``). With ``loss_cotangent`` (whole batch only), its pullback
-  comes second, from the same batched VJP; else None.
+  comes second, from the same batched VJP; else None. With
+  ``diagonal_average`` (an optimizer's state, ``damping='metric_diagonal'``),
+  ``factors.AVERAGED_PROBES`` probes update it and the damping uses the
+  average, which the preconditioner returns in its ``diagonal_average``.
   """
   _warn_if_independent_of_params(vjp_fn, jacobian_like)
   points_matrix = factors.as_sample_matrix(samples)
@@ -243,7 +250,7 @@ def from_vjp(
   num_probes = 0
   if opts.damping == 'metric_diagonal':
     # The probes ride in the same batched VJP as T, on the same rows.
-    num_probes = factors.NUM_PROBES
+    num_probes = factors.NUM_PROBES if diagonal_average is None else factors.AVERAGED_PROBES
     probes = factors.probe_cotangents(
         probe_key(key), num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
     cotangents = jnp.concatenate([cotangents, sharding.like(probes, cotangents)])
@@ -260,6 +267,9 @@ def from_vjp(
   if num_probes:
     metric_diagonal = factors.metric_diagonal(jax.tree.map(lambda t: t[-num_probes:], jacobian))
     jacobian = jax.tree.map(lambda t: t[:-num_probes], jacobian)
+    if diagonal_average is not None:
+      diagonal_average, metric_diagonal = factors.averaged_diagonal(
+          diagonal_average, metric_diagonal)
   if jacobian_like.dtype != samples.dtype:
     # Back to the samples' dtype: everything after the VJP (whitening,
     # damping, the M×M solve) runs in the precision of the default path.
@@ -289,6 +299,7 @@ def from_vjp(
       depends_on_params=depends_on_params,
       valid_hyperparameters=valid_basis & opts.traced_valid(),
       unseen=unseen,
+      diagonal_average=diagonal_average if num_probes else None,
   )
   return preconditioner, loss_pullback
 

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kwng_jax import factors
 from kwng_jax import solve
 
 PyTree = Any
@@ -76,6 +77,10 @@ class Preconditioner(NamedTuple):
     unseen: with ``damping='safe'`` or ``'metric_diagonal'``, the
       curvature given to the parameters the samples do not see
       (:func:`kwng_jax.solve.safe_damping`); None otherwise.
+    diagonal_average: with ``damping='metric_diagonal'`` built by an
+      optimizer, the running average of the metric diagonal after this
+      build (:class:`kwng_jax.factors.DiagonalAverage`), which the
+      optimizer's state keeps; None otherwise.
   """
 
   whitened: PyTree
@@ -87,6 +92,7 @@ class Preconditioner(NamedTuple):
   depends_on_params: jax.Array
   valid_hyperparameters: jax.Array
   unseen: PyTree | None = None
+  diagonal_average: factors.DiagonalAverage | None = None
 
   @classmethod
   def empty(

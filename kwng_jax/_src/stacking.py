@@ -130,7 +130,8 @@ def value_grad_and_update(
     count = otu.tree_get(opt_state, 'kwng_count')
     preconditioner, through_samples = from_vjp.from_vjp_with_pullback(
         samples, vjp_fn, stacking.options, loss_cotangent,
-        key=from_vjp.basis_key(stacking.seed, count))
+        key=from_vjp.basis_key(stacking.seed, count),
+        diagonal_average=otu.tree_get(opt_state, 'kwng_metric_diagonal'))
     extra['preconditioner'] = preconditioner
   grads = jax.tree.map(lambda a, b: a + b, through_samples, direct)
   updates, opt_state = optax.with_extra_args_support(tx).update(

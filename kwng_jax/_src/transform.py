@@ -17,6 +17,7 @@ import optax
 
 from kwng_jax._src import estimator
 from kwng_jax._src import from_vjp
+from kwng_jax import factors
 from kwng_jax import kernels as kernels_lib
 from kwng_jax._src import options
 from kwng_jax._src import outputs as outputs_lib
@@ -52,6 +53,11 @@ class ScaleByKWNGState(NamedTuple):
       :math:`\\tilde T D \\tilde T^\\top`) reused between rebuilds; its
       ``finite_samples`` is False until the first build. None (no leaves)
       with ``update_every=1``, so the default state stays a few scalars.
+    kwng_metric_diagonal: with ``damping='metric_diagonal'``, the running
+      average of the metric diagonal's estimates
+      (:class:`kwng_jax.factors.DiagonalAverage`, one params-shaped pytree):
+      each build adds one probe's estimate to it instead of drawing four.
+      None otherwise.
   """
 
   kwng_count: jax.Array
@@ -59,6 +65,7 @@ class ScaleByKWNGState(NamedTuple):
   kwng_epsilon_setting: jax.Array
   kwng_info: KWNGInfo
   kwng_preconditioner: Preconditioner | None = None
+  kwng_metric_diagonal: factors.DiagonalAverage | None = None
 
 
 def scale_by_kwng(
@@ -201,6 +208,9 @@ def scale_by_kwng(
 
   def init_fn(params):
     outputs_lib.check_params(params)
+    average = None
+    if damping == 'metric_diagonal':
+      average = factors.DiagonalAverage.zeros(params)
     stored = None
     if update_every > 1:
       stored = Preconditioner.empty(params, num_basis, damping)
@@ -210,6 +220,7 @@ def scale_by_kwng(
         kwng_epsilon_setting=jnp.asarray(epsilon, jnp.float32),
         kwng_info=KWNGInfo.empty(),
         kwng_preconditioner=stored,
+        kwng_metric_diagonal=average,
     )
 
   def update_fn(
@@ -230,7 +241,7 @@ def scale_by_kwng(
           opts, lambda: from_vjp.basis_key(seed, state.kwng_count), params,
           outputs_fn=outputs_fn,
           jacobian_outputs_fn=jacobian_outputs_fn, full_params=full_params,
-          samples_and_vjp=samples_and_vjp,
+          samples_and_vjp=samples_and_vjp, diagonal_average=state.kwng_metric_diagonal,
       )
     else:
       outputs_lib.check_params(params)
@@ -246,18 +257,28 @@ def scale_by_kwng(
         setting != state.kwng_epsilon_setting, setting, state.kwng_epsilon
     )
     stored = state.kwng_preconditioner
+    # A preconditioner passed in without an average (built by
+    # build_preconditioner), or stored factors reused, leave it as it was.
+    average = state.kwng_metric_diagonal
     if preconditioner is None and stored is None:
       preconditioner = build()
     elif preconditioner is None:
       warn_if_convolutions()
       stored = _pin_shardings(stored, params)
+
+      def rebuilt():
+        # The stored factors do not hold the average: the state holds it
+        # once, so that no two leaves share a buffer (donation).
+        fresh = build()
+        return (_pin_shardings(_cast_like(fresh._replace(diagonal_average=None), stored), params),
+                _pin_average(fresh.diagonal_average, params))
+
       # A placeholder, or factors built from non-finite samples, are rebuilt.
       rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
-      preconditioner = jax.lax.cond(
-          rebuild,
-          lambda: _pin_shardings(_cast_like(build(), stored), params),
-          lambda: stored,
-      )
+      preconditioner, average = jax.lax.cond(
+          rebuild, rebuilt, lambda: (stored, _pin_average(average, params)))
+    if preconditioner.diagonal_average is not None:
+      average = preconditioner.diagonal_average
     direction, info = estimator.apply_preconditioner(
         preconditioner, updates, current_epsilon
     )
@@ -268,6 +289,7 @@ def scale_by_kwng(
         kwng_epsilon_setting=setting,
         kwng_info=info,
         kwng_preconditioner=None if stored is None else preconditioner,
+        kwng_metric_diagonal=average,
     )
     return direction, new_state
 
@@ -278,7 +300,7 @@ def scale_by_kwng(
 
 
 def _builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_params,
-             samples_and_vjp):
+             samples_and_vjp, diagonal_average):
   """Checks the forward pass of an update; returns how to build from it.
 
   ``key_fn()`` gives the basis key inside the build, so that steps reusing
@@ -308,7 +330,8 @@ def _builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_para
     samples, vjp_fn = outputs_lib.check_samples_and_vjp(
         samples_and_vjp, params, 'scale_by_kwng'
     )
-    return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key_fn()),
+    return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key_fn(),
+                                                 diagonal_average=diagonal_average),
             lambda: outputs_lib.warn_if_convolutions_on_cpu(vjp_fn, samples))
   outputs_fn = outputs_lib.unmasked_outputs_fn(
       outputs_fn, params, full_params, 'scale_by_kwng'
@@ -318,7 +341,8 @@ def _builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_para
         jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
     )
   return (lambda: estimator.build(outputs_fn, params, opts, key=key_fn(),
-                                  jacobian_outputs_fn=jacobian_outputs_fn),
+                                  jacobian_outputs_fn=jacobian_outputs_fn,
+                                  diagonal_average=diagonal_average),
           lambda: outputs_lib.warn_if_convolutions_on_cpu(
               outputs_lib.backward_pass(jacobian_outputs_fn or outputs_fn), params))
 
@@ -350,6 +374,15 @@ def _pin_shardings(
       unseen=None if preconditioner.unseen is None
       else sharding.like(preconditioner.unseen, params),
   )
+
+
+def _pin_average(
+    average: factors.DiagonalAverage | None, params: PyTree
+) -> factors.DiagonalAverage | None:
+  """Gives the running average of the metric diagonal the sharding of the params."""
+  if average is None:
+    return None
+  return average._replace(total=sharding.like(average.total, params))
 
 
 def safe_direction(
