@@ -48,7 +48,7 @@ PyTree = Any
 #: (some runs blow up); with c = 0.1, 0.2, 0.3, 0.5, 1 at 3: 0.655, 0.663,
 #: 0.684, 0.667, 0.673. On a deterministic least-squares problem the
 #: restarts halve the steps to the optimum or better (kwng's docstring
-#: example: 137 steps against 679); the digits MLP barely notices them
+#: example: 140 steps against 433); the digits MLP barely notices them
 #: (0.961 without, 0.958 with c = 0.3).
 RESTART_RATIO = 0.3
 
