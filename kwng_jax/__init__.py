@@ -2,7 +2,8 @@
 
 The optimizers and transformations are the names below. The numerics are
 public, documented submodules: :mod:`kwng_jax.factors` (basis selection and
-the W, Q, T factors), :mod:`kwng_jax.kernels`, :mod:`kwng_jax.solve`, and
+the W, Q, T factors), :mod:`kwng_jax.probes` (the metric diagonal),
+:mod:`kwng_jax.kernels`, :mod:`kwng_jax.solve`, and
 the exact Wasserstein references :mod:`kwng_jax.exact`. The Flax helpers
 (:mod:`kwng_jax.flax_utils`, needs flax) and the examples
 (:mod:`kwng_jax.examples`: datasets, models, the demo) are subpackages that
@@ -15,6 +16,7 @@ import warnings as _warnings
 from kwng_jax import exact
 from kwng_jax import factors
 from kwng_jax import kernels
+from kwng_jax import probes
 from kwng_jax import solve
 from kwng_jax._src.adaptive_epsilon import adaptive_damping
 from kwng_jax._src.adaptive_epsilon import AdaptiveDampingState
@@ -49,6 +51,7 @@ __all__ = [
     'exact',
     'factors',
     'kernels',
+    'probes',
     'kwng',
     'natural_gradient',
     'preconditioner_from_vjp',

@@ -15,7 +15,7 @@ kernel :math:`k`:
   of the sample function and one ``jax.vmap`` over the M cotangents;
 * for the damping ``'metric_diagonal'``, the diagonal of the samples' metric
   :math:`(J^\top J)_{jj} / N`, from the VJPs of random probes
-  (:func:`probe_cotangents`, :func:`metric_diagonal`).
+  (:mod:`kwng_jax.probes`).
 
 All derivatives of the kernel come from JAX autodiff of the scalar kernel.
 """
@@ -23,8 +23,7 @@ All derivatives of the kernel come from JAX autodiff of the scalar kernel.
 from __future__ import annotations
 
 from collections.abc import Callable
-import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -289,132 +288,6 @@ def kernel_cotangents(
         cotangents, ((0, 0), (0, num_samples - num_rows), (0, 0))
     )
   return cotangents.reshape((num_basis,) + tuple(samples_shape))
-
-
-#: How many random probes estimate the diagonal of the samples' metric
-#: (:func:`probe_cotangents`). Measured on the ill-conditioned digits MLP
-#: (3 seeds, momentum 0.9): validation accuracy 0.89 with one probe, 0.95
-#: with two, 0.97 with four. With few probes some estimates land near zero
-#: (a chi-square with K degrees of freedom), and a damping 1 / estimate
-#: then sends those parameters far.
-NUM_PROBES = 4
-
-#: The probes per step of an optimizer (:func:`kwng_jax.scale_by_kwng`),
-#: whose state averages the estimates over steps (:class:`DiagonalAverage`)
-#: instead of drawing :data:`NUM_PROBES` at every step. Two, not one: the
-#: first step has only its own estimate, and from one probe some entries
-#: land near zero (a chi-square with one degree of freedom).
-AVERAGED_PROBES = 2
-
-#: The decay of that running average. Measured on the digits benchmarks (3
-#: seeds; validation accuracy at the best learning rate), two probes per
-#: step averaged with decay 0.9 against four per step without averaging:
-#: 0.973 / 0.972 on the well-conditioned CNN, 0.970 / 0.956 on the
-#: ill-conditioned CNN, 0.973 / 0.967 on the ill-conditioned MLP, at two
-#: VJPs less per step (one probe: 0.967, 0.974, 0.973).
-DIAGONAL_DECAY = 0.9
-
-
-class DiagonalAverage(NamedTuple):
-  r"""A running average of the probe estimates of the metric diagonal.
-
-  Attributes:
-    total: :math:`\sum_s \beta^{t-s} (1 - \beta) \hat s_s`, params-shaped,
-      in at least float32 (zeros before the first step).
-    weight: :math:`1 - \beta^t`, the weight ``total`` carries, t the number
-      of estimates so far; ``total / weight`` is the debiased average.
-  """
-
-  total: PyTree
-  weight: jax.Array
-
-  @classmethod
-  def zeros(cls, params: PyTree) -> 'DiagonalAverage':
-    """The average before the first step, shaped and sharded like ``params``."""
-    return cls(
-        total=jax.tree.map(
-            lambda p: jnp.zeros_like(p, dtype=_estimate_dtype(p.dtype)), params),
-        weight=jnp.zeros((), jnp.float32),
-    )
-
-
-def averaged_diagonal(
-    average: DiagonalAverage, estimate: PyTree, decay: float = DIAGONAL_DECAY
-) -> tuple[DiagonalAverage, PyTree]:
-  r"""Adds ``estimate`` to the running average; returns it and the debiased average.
-
-  Args:
-    average: the average so far.
-    estimate: this step's :func:`metric_diagonal`, params-shaped.
-    decay: :math:`\beta \in [0, 1)`.
-
-  Returns:
-    ``(new_average, diagonal)``, ``diagonal`` the debiased average, in the
-    dtype of ``average.total``.
-  """
-  weight = decay * average.weight + (1.0 - decay)
-  total = jax.tree.map(lambda a, e: decay * a + (1.0 - decay) * e.astype(a.dtype),
-                       average.total, estimate)
-  diagonal = jax.tree.map(lambda a: a / weight.astype(a.dtype), total)
-  return DiagonalAverage(total, weight), diagonal
-
-
-def probe_cotangents(
-    key: jax.Array, num_probes: int, num_rows: int, samples_shape: tuple[int, ...],
-    samples_dtype: jnp.dtype,
-) -> jax.Array:
-  r"""Gaussian probes :math:`v / \sqrt n`, zero beyond the first n samples.
-
-  For :math:`v` standard normal on the first n samples,
-  :math:`\mathbb E[(J^\top v)_j^2] / n = (J^\top J)_{jj} / n`: the mean
-  square of the probes' VJPs (:func:`metric_diagonal`) estimates the
-  diagonal of the samples' metric without forming J (Hutchinson's
-  estimator).
-
-  Args:
-    key: PRNG key of the probes.
-    num_probes: K.
-    num_rows: n, the samples the probes cover (as for T).
-    samples_shape: the shape ``(N, ...)`` of the samples, ``N >= n``.
-    samples_dtype: the dtype of the samples; the probes are cast to it.
-
-  Returns:
-    Shape ``(K, *samples_shape)``.
-  """
-  num_samples = samples_shape[0]
-  rows_shape = (num_probes, num_rows) + tuple(samples_shape[1:])
-  probes = jax.random.normal(key, rows_shape) / jnp.sqrt(float(num_rows))
-  if num_rows < num_samples:
-    pad = [(0, 0), (0, num_samples - num_rows)] + [(0, 0)] * (len(samples_shape) - 1)
-    probes = jnp.pad(probes, pad)
-  return probes.astype(samples_dtype)
-
-
-def _estimate_dtype(dtype: Any) -> Any:
-  """The dtype of the metric diagonal of VJPs of ``dtype``: at least float32."""
-  return jnp.float64 if dtype == jnp.float64 else jnp.float32
-
-
-def metric_diagonal(pulled_probes: PyTree) -> PyTree:
-  r"""The diagonal of :math:`J^\top J / n` from the VJPs of :func:`probe_cotangents`.
-
-  Args:
-    pulled_probes: a params-shaped pytree with a leading axis of size K,
-      the VJPs of the K probes.
-
-  Returns:
-    The mean square over the K probes, shaped like the params, in at least
-    float32: an unbiased estimate of each parameter's
-    :math:`\frac1n \sum_n \|\partial X_n / \partial\theta_j\|^2`, the
-    squared distance the samples move (RMS) per unit of :math:`\theta_j`.
-  """
-
-  def mean_square(t):
-    # In at least float32: the squares of bf16 entries underflow early.
-    t = t.astype(_estimate_dtype(t.dtype))
-    return functools.reduce(jnp.add, [jnp.square(t[k]) for k in range(t.shape[0])]) / t.shape[0]
-
-  return jax.tree.map(mean_square, pulled_probes)
 
 
 def pullbacks(

@@ -210,7 +210,7 @@ def metric_diagonal_damping(metric_diagonal: PyTree, whitened: PyTree) -> tuple[
   r"""D and the curvature :math:`v` of ``damping='metric_diagonal'``.
 
   With :math:`s_j = (J^\top J)_{jj} / N` the diagonal of the samples'
-  metric (:func:`kwng_jax.factors.metric_diagonal`), :math:`D_j = 1 / s_j`:
+  metric (:func:`kwng_jax.probes.metric_diagonal`), :math:`D_j = 1 / s_j`:
   the damping term :math:`\epsilon D^{-1}` is :math:`\epsilon` times the
   squared RMS distance the samples move per unit of :math:`\theta_j`
   (Marquardt's scaling of the Levenberg–Marquardt damping, with the

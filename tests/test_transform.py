@@ -52,7 +52,7 @@ def test_metric_diagonal_state_averages_the_probes_of_each_build(mlp_problem, up
   _, state, _ = run_steps(opt, params, outputs_fn, loss_fn, 3)
   average = state.kwng_metric_diagonal
   # One estimate per build (steps 0, 1, 2 or steps 0, 2), decay 0.9.
-  np.testing.assert_allclose(average.weight, 1 - kwng_jax.factors.DIAGONAL_DECAY ** builds,
+  np.testing.assert_allclose(average.weight, 1 - kwng_jax.probes.DIAGONAL_DECAY ** builds,
                              rtol=1e-6)
   assert jax.tree.structure(average.total) == jax.tree.structure(params)
   assert all(bool(jnp.all(t > 0)) for t in jax.tree.leaves(average.total))

@@ -91,7 +91,7 @@ def kwng(
   :math:`(J^\top J)_{jj} / N`, estimated from two random probes per step
   that ride in the same batched VJP as T and averaged over steps in the
   state (:func:`kwng_jax.solve.metric_diagonal_damping`,
-  :class:`kwng_jax.factors.DiagonalAverage`). Rescaling a parameter
+  :class:`kwng_jax.probes.DiagonalAverage`). Rescaling a parameter
   then rescales both terms of the metric alike, so the direction is
   covariant under any diagonal reparametrization, on the null space of the
   rank-M estimate too (the published damping is not). Each entry is

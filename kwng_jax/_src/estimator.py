@@ -20,7 +20,7 @@ from typing import Any, TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from kwng_jax import factors
+from kwng_jax import probes
 from kwng_jax import solve
 from kwng_jax._src import options as options_lib
 from kwng_jax._src import outputs as outputs_lib
@@ -86,7 +86,7 @@ def build(
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
     jacobian_outputs_fn: OutputsFn | None = None,
-    diagonal_average: factors.DiagonalAverage | None = None,
+    diagonal_average: probes.DiagonalAverage | None = None,
 ) -> Preconditioner:
   """:func:`build_preconditioner` with its options already validated."""
   if outputs_fn is None or not callable(outputs_fn):

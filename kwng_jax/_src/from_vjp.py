@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 
 from kwng_jax import factors
 from kwng_jax import kernels as kernels_lib
+from kwng_jax import probes
 from kwng_jax import solve
 from kwng_jax._src import options as options_lib
 from kwng_jax._src import outputs as outputs_lib
@@ -125,7 +126,7 @@ def from_vjp_of_options(
     key: jax.Array | None = None,
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
-    diagonal_average: factors.DiagonalAverage | None = None,
+    diagonal_average: probes.DiagonalAverage | None = None,
 ) -> Preconditioner:
   """:func:`preconditioner_from_vjp` with its options already validated."""
   if not callable(vjp_fn):
@@ -157,7 +158,7 @@ def from_vjp_with_pullback(
     loss_cotangent: jax.Array,
     *,
     key: jax.Array,
-    diagonal_average: factors.DiagonalAverage | None = None,
+    diagonal_average: probes.DiagonalAverage | None = None,
 ) -> tuple[Preconditioner, PyTree]:
   r"""The preconditioner, and :math:`J^\top` ``loss_cotangent``, in one backward pass.
 
@@ -186,7 +187,7 @@ def from_vjp(
     jacobian_like: jax.ShapeDtypeStruct,
     num_rows: int,
     loss_cotangent: jax.Array | None = None,
-    diagonal_average: factors.DiagonalAverage | None = None,
+    diagonal_average: probes.DiagonalAverage | None = None,
 ) -> tuple[Preconditioner, PyTree | None]:
   """The preconditioner from checked samples and the VJP of their first rows.
 
@@ -196,7 +197,7 @@ def from_vjp(
   ``samples``). With ``loss_cotangent`` (whole batch only), its pullback
   comes second, from the same batched VJP; else None. With
   ``diagonal_average`` (an optimizer's state, ``damping='metric_diagonal'``),
-  ``factors.AVERAGED_PROBES`` probes update it and the damping uses the
+  ``probes.AVERAGED_PROBES`` probes update it and the damping uses the
   average, which the preconditioner returns in its ``diagonal_average``.
   """
   _warn_if_independent_of_params(vjp_fn, jacobian_like)
@@ -250,10 +251,10 @@ def from_vjp(
   num_probes = 0
   if opts.damping == 'metric_diagonal':
     # The probes ride in the same batched VJP as T, on the same rows.
-    num_probes = factors.NUM_PROBES if diagonal_average is None else factors.AVERAGED_PROBES
-    probes = factors.probe_cotangents(
+    num_probes = probes.NUM_PROBES if diagonal_average is None else probes.AVERAGED_PROBES
+    probe_rows = probes.probe_cotangents(
         probe_key(key), num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
-    cotangents = jnp.concatenate([cotangents, sharding.like(probes, cotangents)])
+    cotangents = jnp.concatenate([cotangents, sharding.like(probe_rows, cotangents)])
   if loss_cotangent is not None:
     cotangents = jnp.concatenate(
         [jnp.asarray(loss_cotangent).astype(cotangents.dtype)[None], cotangents])
@@ -265,10 +266,10 @@ def from_vjp(
     jacobian = jax.tree.map(lambda t: t[1:], jacobian)
   metric_diagonal = None
   if num_probes:
-    metric_diagonal = factors.metric_diagonal(jax.tree.map(lambda t: t[-num_probes:], jacobian))
+    metric_diagonal = probes.metric_diagonal(jax.tree.map(lambda t: t[-num_probes:], jacobian))
     jacobian = jax.tree.map(lambda t: t[:-num_probes], jacobian)
     if diagonal_average is not None:
-      diagonal_average, metric_diagonal = factors.averaged_diagonal(
+      diagonal_average, metric_diagonal = probes.averaged_diagonal(
           diagonal_average, metric_diagonal)
   if jacobian_like.dtype != samples.dtype:
     # Back to the samples' dtype: everything after the VJP (whitening,

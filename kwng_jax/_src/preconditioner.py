@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kwng_jax import factors
+from kwng_jax import probes
 from kwng_jax import solve
 
 PyTree = Any
@@ -79,7 +79,7 @@ class Preconditioner(NamedTuple):
       (:func:`kwng_jax.solve.safe_damping`); None otherwise.
     diagonal_average: with ``damping='metric_diagonal'`` built by an
       optimizer, the running average of the metric diagonal after this
-      build (:class:`kwng_jax.factors.DiagonalAverage`), which the
+      build (:class:`kwng_jax.probes.DiagonalAverage`), which the
       optimizer's state keeps; None otherwise.
   """
 
@@ -92,7 +92,7 @@ class Preconditioner(NamedTuple):
   depends_on_params: jax.Array
   valid_hyperparameters: jax.Array
   unseen: PyTree | None = None
-  diagonal_average: factors.DiagonalAverage | None = None
+  diagonal_average: probes.DiagonalAverage | None = None
 
   @classmethod
   def empty(

@@ -17,7 +17,7 @@ import optax
 
 from kwng_jax._src import estimator
 from kwng_jax._src import from_vjp
-from kwng_jax import factors
+from kwng_jax import probes
 from kwng_jax import kernels as kernels_lib
 from kwng_jax._src import options
 from kwng_jax._src import outputs as outputs_lib
@@ -55,7 +55,7 @@ class ScaleByKWNGState(NamedTuple):
       with ``update_every=1``, so the default state stays a few scalars.
     kwng_metric_diagonal: with ``damping='metric_diagonal'``, the running
       average of the metric diagonal's estimates
-      (:class:`kwng_jax.factors.DiagonalAverage`, one params-shaped pytree):
+      (:class:`kwng_jax.probes.DiagonalAverage`, one params-shaped pytree):
       each build adds one probe's estimate to it instead of drawing four.
       None otherwise.
   """
@@ -65,7 +65,7 @@ class ScaleByKWNGState(NamedTuple):
   kwng_epsilon_setting: jax.Array
   kwng_info: KWNGInfo
   kwng_preconditioner: Preconditioner | None = None
-  kwng_metric_diagonal: factors.DiagonalAverage | None = None
+  kwng_metric_diagonal: probes.DiagonalAverage | None = None
 
 
 def scale_by_kwng(
@@ -210,7 +210,7 @@ def scale_by_kwng(
     outputs_lib.check_params(params)
     average = None
     if damping == 'metric_diagonal':
-      average = factors.DiagonalAverage.zeros(params)
+      average = probes.DiagonalAverage.zeros(params)
     stored = None
     if update_every > 1:
       stored = Preconditioner.empty(params, num_basis, damping)
@@ -271,12 +271,12 @@ def scale_by_kwng(
         # once, so that no two leaves share a buffer (donation).
         fresh = build()
         return (_pin_shardings(_cast_like(fresh._replace(diagonal_average=None), stored), params),
-                _pin_average(fresh.diagonal_average, params))
+                probes.sharded_like(fresh.diagonal_average, params))
 
       # A placeholder, or factors built from non-finite samples, are rebuilt.
       rebuild = (state.kwng_count % update_every == 0) | ~stored.finite_samples
       preconditioner, average = jax.lax.cond(
-          rebuild, rebuilt, lambda: (stored, _pin_average(average, params)))
+          rebuild, rebuilt, lambda: (stored, probes.sharded_like(average, params)))
     if preconditioner.diagonal_average is not None:
       average = preconditioner.diagonal_average
     direction, info = estimator.apply_preconditioner(
@@ -374,15 +374,6 @@ def _pin_shardings(
       unseen=None if preconditioner.unseen is None
       else sharding.like(preconditioner.unseen, params),
   )
-
-
-def _pin_average(
-    average: factors.DiagonalAverage | None, params: PyTree
-) -> factors.DiagonalAverage | None:
-  """Gives the running average of the metric diagonal the sharding of the params."""
-  if average is None:
-    return None
-  return average._replace(total=sharding.like(average.total, params))
 
 
 def safe_direction(
