@@ -56,8 +56,8 @@ class ScaleByKWNGState(NamedTuple):
     kwng_metric_diagonal: with ``damping='metric_diagonal'``, the running
       average of the metric diagonal's estimates
       (:class:`kwng_jax.probes.DiagonalAverage`, one params-shaped pytree):
-      each build adds one probe's estimate to it instead of drawing four.
-      None otherwise.
+      each build adds the estimate of two probes to it instead of drawing
+      four. None otherwise.
   """
 
   kwng_count: jax.Array
