@@ -128,9 +128,11 @@ def stacked_kwng_direction(
   grads = jax.tree.map(lambda r: r[0], rows)
   jacobian = jax.tree.map(lambda r: r[1:], rows)
   whitened, _ = solve.whitened_jacobian(jacobian, gram)
-  damping = solve.damping_diagonal(whitened, 'reference')
+  damping = solve.damping_diagonal(solve.column_squared_norms(whitened), 'reference')
+  factor = solve.scaled_factor([jax.tree.map(lambda t, m=m: t[m], whitened)
+                                for m in range(num_basis)], damping)
   direction = solve.damped_natural_gradient(
-      grads, whitened, damping, solve.damped_gram(whitened, damping), epsilon
+      grads, factor, damping, solve.damped_gram(factor), epsilon
   )
   alignment = optax.tree_utils.tree_vdot(grads, direction)
   finite = jnp.all(jnp.stack(

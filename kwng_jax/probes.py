@@ -13,6 +13,7 @@ step and keeps a running average (:class:`DiagonalAverage`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -147,10 +148,17 @@ def metric_diagonal(pulled_probes: PyTree) -> PyTree:
     :math:`\frac1n \sum_n \|\partial X_n / \partial\theta_j\|^2`, the
     squared distance the samples move (RMS) per unit of :math:`\theta_j`.
   """
+  num_probes = jax.tree.leaves(pulled_probes)[0].shape[0]
+  return mean_square(
+      [jax.tree.map(lambda t, k=k: t[k], pulled_probes) for k in range(num_probes)])
 
-  def mean_square(t):
+
+def mean_square(pulled_rows: Sequence[PyTree]) -> PyTree:
+  """:func:`metric_diagonal` of the K probes' VJPs given one by one (not stacked)."""
+
+  def mean_square_leaf(*rows):
     # In at least float32: the squares of bf16 entries underflow early.
-    t = t.astype(_estimate_dtype(t.dtype))
-    return functools.reduce(jnp.add, [jnp.square(t[k]) for k in range(t.shape[0])]) / t.shape[0]
+    squares = [jnp.square(r.astype(_estimate_dtype(r.dtype))) for r in rows]
+    return functools.reduce(jnp.add, squares) / len(rows)
 
-  return jax.tree.map(mean_square, pulled_probes)
+  return jax.tree.map(mean_square_leaf, *pulled_rows)

@@ -149,7 +149,7 @@ def test_sharded_update_equals_single_device_update_in_float64():
 
 
 def test_jacobian_factor_keeps_the_parameter_sharding():
-  """T (and the whitened T̃) are params-shaped with a leading M axis,
+  """T (and the factor F = T̃ D^{1/2}) are params-shaped with a leading M axis,
   sharded like the params: nothing of size M×P is gathered on one device."""
   params, inputs, _ = make_problem()
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
@@ -165,7 +165,7 @@ def test_jacobian_factor_keeps_the_parameter_sharding():
       cross = factors.cross_derivatives(kernels.gaussian, basis, coords, samples, 1.0)
       jacobian = factors.jacobian_factor(vjp_fn, cross, samples.shape, samples.dtype)
       pre = kwng_jax.build_preconditioner(outputs_fn, params, key=jax.random.key(0))
-      return jacobian, pre.whitened, pre.damping
+      return jacobian, pre.factor, pre.damping
 
     jacobian, whitened, damping = jacobian_and_whitened(params, inputs)
   for name, spec in LAYOUTS['fsdp'].items():
@@ -189,7 +189,7 @@ def test_update_every_sharded_equals_single_device(axis_type):
   assert bool(stored.finite_samples)
   if axis_type == 'explicit':
     for name, spec in LAYOUTS['fsdp'].items():
-      assert stored.whitened[name].sharding.spec == P(None, *spec), name
+      assert stored.factor[name].sharding.spec == P(None, *spec), name
 
 
 def test_published_chain_runs_fsdp_on_an_explicit_mesh_with_donated_state():

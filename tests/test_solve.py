@@ -68,8 +68,10 @@ def test_safe_damping_bounds_the_step_of_an_unseen_parameter():
   np.testing.assert_allclose(directions['reference']['log_scale'],
                              1e8 * grads['log_scale'] / 1e-5, rtol=1e-4)
   # 'safe': g / (c^2 + eps c), c the RMS norm of the seen columns.
-  norms = np.concatenate([np.linalg.norm(np.asarray(t).reshape(5, -1), axis=0)
-                          for name, t in preconditioner.whitened.items() if name != 'log_scale'])
+  # F = T̃ D^{1/2} with D the reference 1 / (|T̃_j| + 1e-8): |F_j|² = |T̃_j|² D_j.
+  norms = np.concatenate([np.sqrt(np.sum(np.asarray(f, np.float64).reshape(5, -1) ** 2, axis=0)
+                                  / np.asarray(preconditioner.damping[name], np.float64).reshape(-1))
+                          for name, f in preconditioner.factor.items() if name != 'log_scale'])
   typical = np.sqrt(np.mean(norms**2))
   np.testing.assert_allclose(directions['safe']['log_scale'],
                              grads['log_scale'] / (typical**2 + 1e-5 * typical), rtol=1e-4)
@@ -123,21 +125,44 @@ def test_unknown_damping_is_named():
     solve.check_damping('floored')
 
 
-def test_damped_gram_equals_float64_product():
+@pytest.mark.parametrize('columns', [300 * 7, 5 * solve.GRAM_BLOCK_COLUMNS + 3])
+def test_damped_gram_equals_float64_product(columns):
+  """F Fᵀ = T̃ D T̃ᵀ, with F = T̃ D^{1/2}; the wide leaf is summed block by block on CPU."""
   key_t, key_d = jax.random.split(jax.random.key(0))
-  whitened = {'w': jax.random.normal(key_t, (5, 300, 7)), 'b': jax.random.normal(key_d, (5, 7))}
-  damping = {'w': jax.random.uniform(key_d, (300, 7)), 'b': jax.random.uniform(key_t, (7,))}
-  gram = jax.jit(solve.damped_gram)(whitened, damping)
+  whitened = {'w': jax.random.normal(key_t, (5, columns // 7, 7)),
+              'b': jax.random.normal(key_d, (5, 7))}
+  damping = {'w': jax.random.uniform(key_d, (columns // 7, 7)), 'b': jax.random.uniform(key_t, (7,))}
+  rows = [jax.tree.map(lambda t, m=m: t[m], whitened) for m in range(5)]
+  factor = solve.scaled_factor(rows, damping)
+  gram = jax.jit(solve.damped_gram)(factor)
   expected = sum((np.asarray(whitened[n], np.float64).reshape(5, -1)
                   * np.asarray(damping[n], np.float64).reshape(-1))
                  @ np.asarray(whitened[n], np.float64).reshape(5, -1).T for n in ('w', 'b'))
   np.testing.assert_allclose(np.asarray(gram), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_damped_natural_gradient_is_the_damped_metric_inverse():
+  """The Woodbury solve through F = T̃ D^{1/2} equals (T̃ᵀT̃ + diag(v) + εD⁻¹)⁻¹ g
+  in float64, unseen columns (zero in T̃, v > 0) included."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  whitened = jax.random.normal(keys[0], (3, 12)).at[:, -2:].set(0.0)
+  damping = jax.random.uniform(keys[1], (12,), minval=0.1, maxval=10.0)
+  unseen = jnp.zeros(12).at[-2:].set(jnp.array([0.5, 2.0]))
+  grads = jax.random.normal(keys[2], (12,))
+  epsilon = 0.3
+  factor = solve.scaled_factor([whitened[m] for m in range(3)], damping)
+  got = solve.damped_natural_gradient(grads, factor, damping, solve.damped_gram(factor),
+                                      jnp.asarray(epsilon), unseen)
+  t, d, v, g = (np.asarray(x, np.float64) for x in (whitened, damping, unseen, grads))
+  metric = t.T @ t + np.diag(v + epsilon / d)
+  np.testing.assert_allclose(np.asarray(got), np.linalg.solve(metric, g), rtol=1e-4)
+
+
 def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():
   whitened = {'seen': jnp.array([[3.0, 4.0], [0.0, 0.0]]), 'unseen': jnp.zeros((2, 1))}
   metric = {'seen': jnp.array([2.0, 6.0]), 'unseen': jnp.zeros(1)}
-  damping, curvature = solve.metric_diagonal_damping(metric, whitened)
+  squared_norms = solve.column_squared_norms(whitened)
+  damping, curvature = solve.metric_diagonal_damping(metric, squared_norms)
   np.testing.assert_allclose(damping['seen'], [0.5, 1 / 6.0])
   np.testing.assert_allclose(curvature['seen'], [0.0, 0.0])
   # Unseen: D⁻¹ the mean seen diagonal (4), curvature the mean seen squared
@@ -145,7 +170,7 @@ def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones(
   np.testing.assert_allclose(damping['unseen'], [0.25])
   np.testing.assert_allclose(curvature['unseen'], [12.5])
   with pytest.raises(ValueError, match='metric_diagonal_damping'):
-    solve.damping_diagonal(whitened, 'metric_diagonal')
+    solve.damping_diagonal(squared_norms, 'metric_diagonal')
 
 
 def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():
@@ -154,8 +179,8 @@ def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():
   # column 1: mean 1e-8, every entry within 1e2 of it, so none moves.
   kernel = jnp.array([[3.0, 1e-8], [1e-6, 2e-8], [0.0, 0.0]])
   metric = {'kernel': kernel, 'bias': jnp.array([1.0, 1e-9])}
-  whitened = {'kernel': jnp.ones((2, 3, 2)), 'bias': jnp.ones((2, 2))}
-  damping, curvature = solve.metric_diagonal_damping(metric, whitened)
+  squared_norms = {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), 2.0)}
+  damping, curvature = solve.metric_diagonal_damping(metric, squared_norms)
   floor = solve.METRIC_DIAGONAL_FLOOR
   np.testing.assert_allclose(damping['kernel'][:2], 1.0 / np.array([[3.0, 1e-8], [floor, 2e-8]]),
                              rtol=1e-6)

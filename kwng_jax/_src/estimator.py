@@ -67,7 +67,7 @@ def build_preconditioner(
     ...     outputs_fn, params, key=jax.random.key(1), num_basis=5)
     >>> grads = {'w': jnp.ones((3, 4))}
     >>> direction, info = kwng_jax.apply_preconditioner(pre, grads, 1e-5)
-    >>> pre.whitened['w'].shape, direction['w'].shape
+    >>> pre.factor['w'].shape, direction['w'].shape
     ((5, 3, 4), (3, 4))
   """
   opts = options_lib.EstimatorOptions.from_kwargs('build_preconditioner', options)
@@ -155,7 +155,7 @@ def apply_preconditioner(
   with jax.default_matmul_precision(from_vjp_lib.FULL_PRECISION):
     direction = solve_fn(
         grads,
-        preconditioner.whitened,
+        preconditioner.factor,
         preconditioner.damping,
         preconditioner.gram,
         jnp.asarray(epsilon),

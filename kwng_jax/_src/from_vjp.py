@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 from typing import Any, TYPE_CHECKING
 import warnings
 
@@ -247,51 +248,54 @@ def from_vjp(
   if not (isinstance(opts.ridge, (int, float)) and opts.ridge == 0):
     rkhs = factors.basis_rkhs_gram(kernel_fn, basis, basis_coords, sigma)
     gram = gram + jnp.asarray(opts.ridge).astype(kernel_dtype) * rkhs
-  cotangents = factors.kernel_cotangents(cross, jacobian_like.shape, jacobian_like.dtype)
+  with jax.default_matmul_precision(FULL_PRECISION):
+    mixing, rank = solve.whitening(gram, opts.rcond)
+    # T is linear in its cotangents: whitening W before the VJPs gives T̃
+    # from them directly, with no pass over an M×P factor.
+    whitened_cross = jnp.tensordot(mixing.astype(kernel_dtype), cross, axes=1)
+  groups = [factors.kernel_cotangents(whitened_cross, jacobian_like.shape, jacobian_like.dtype)]
   num_probes = 0
   if opts.damping == 'metric_diagonal':
-    # The probes ride in the same batched VJP as T, on the same rows.
+    # The probes ride in the same backward pass as T, on the same rows.
     num_probes = probes.NUM_PROBES if diagonal_average is None else probes.AVERAGED_PROBES
     probe_rows = probes.probe_cotangents(
         probe_key(key), num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
-    cotangents = jnp.concatenate([cotangents, sharding.like(probe_rows, cotangents)])
+    groups.append(sharding.like(probe_rows, groups[0]))
   if loss_cotangent is not None:
-    cotangents = jnp.concatenate(
-        [jnp.asarray(loss_cotangent).astype(cotangents.dtype)[None], cotangents])
-  jacobian = factors.pullbacks(
-      vjp_fn, cotangents, options_lib.resolved_batching(opts.jacobian_batching))
-  loss_pullback = None
-  if loss_cotangent is not None:
-    loss_pullback = jax.tree.map(lambda t: t[0], jacobian)
-    jacobian = jax.tree.map(lambda t: t[1:], jacobian)
-  metric_diagonal = None
-  if num_probes:
-    metric_diagonal = probes.metric_diagonal(jax.tree.map(lambda t: t[-num_probes:], jacobian))
-    jacobian = jax.tree.map(lambda t: t[:-num_probes], jacobian)
+    groups.append(jnp.asarray(loss_cotangent).astype(groups[0].dtype)[None])
+  pulled = _pullback_groups(
+      vjp_fn, groups, options_lib.resolved_batching(opts.jacobian_batching))
+  # Back in the precision of the default path from jacobian_dtype: the
+  # damping and the M×M solve run in at least float32.
+  factor_dtype = solve.at_least_float32(samples.dtype, *(
+      leaf.dtype for leaf in jax.tree.leaves(pulled[0])))
+  whitened_rows = [jax.tree.map(lambda t: t.astype(factor_dtype), row) for row in pulled[0]]
+  loss_pullback = pulled[-1][0] if loss_cotangent is not None else None
+  # From the rows, before any stacking: XLA fuses the squares and the sum.
+  squared_norms = jax.tree.map(
+      lambda *rows: functools.reduce(jnp.add, [jnp.square(r) for r in rows]), *whitened_rows)
+  if opts.damping == 'safe':
+    damping_diag, unseen = solve.safe_damping(squared_norms)
+  elif num_probes:
+    metric_diagonal = probes.mean_square(pulled[1])
     if diagonal_average is not None:
       diagonal_average, metric_diagonal = probes.averaged_diagonal(
           diagonal_average, metric_diagonal)
-  if jacobian_like.dtype != samples.dtype:
-    # Back to the samples' dtype: everything after the VJP (whitening,
-    # damping, the M×M solve) runs in the precision of the default path.
-    jacobian = jax.tree.map(lambda t: t.astype(samples.dtype), jacobian)
+    damping_diag, unseen = solve.metric_diagonal_damping(metric_diagonal, squared_norms)
+  else:
+    damping_diag, unseen = solve.damping_diagonal(squared_norms, opts.damping), None
+  # The one pass that writes an M×P array.
+  factor = solve.scaled_factor(whitened_rows, damping_diag)
   with jax.default_matmul_precision(FULL_PRECISION):
-    whitened, rank = solve.whitened_jacobian(jacobian, gram, opts.rcond)
-    if opts.damping == 'safe':
-      damping_diag, unseen = solve.safe_damping(whitened)
-    elif metric_diagonal is not None:
-      damping_diag, unseen = solve.metric_diagonal_damping(metric_diagonal, whitened)
-    else:
-      damping_diag, unseen = solve.damping_diagonal(whitened, opts.damping), None
     # The contraction over the parameters runs over FSDP-sharded axes.
     damped_gram = sharding.in_auto_mode(
         solve.damped_gram, out_sharding=PartitionSpec()
-    )(whitened, damping_diag)
-  # D > 0, so T̃ D T̃ᵀ has a positive diagonal entry exactly when T̃ is
+    )(factor)
+  # D > 0, so F Fᵀ has a positive diagonal entry exactly when T̃ is
   # nonzero: no extra pass over the M×P factor.
   depends_on_params = jnp.any(jnp.diagonal(damped_gram) > 0)
   preconditioner = Preconditioner(
-      whitened=whitened,
+      factor=factor,
       damping=damping_diag,
       gram=damped_gram,
       bandwidth=sigma.astype(jnp.float32),
@@ -303,6 +307,27 @@ def from_vjp(
       diagonal_average=diagonal_average if num_probes else None,
   )
   return preconditioner, loss_pullback
+
+
+def _pullback_groups(
+    vjp_fn: VJPFn, groups: list[jax.Array], batching: str
+) -> list[list[PyTree]]:
+  """The VJPs of each group of cotangents (each of shape ``(K, ...)``), row by row.
+
+  ``'loop'`` pulls every row back on its own and stacks nothing: a group
+  is stacked later only if it must be (T̃), fused with the cast that
+  follows. ``'vmap'`` and ``'map'`` pull all the groups back in one batched
+  call and slice it.
+  """
+  if batching == 'loop':
+    return [[vjp_fn(group[k])[0] for k in range(group.shape[0])] for group in groups]
+  stacked = factors.pullbacks(vjp_fn, jnp.concatenate(groups), batching)
+  out, start = [], 0
+  for group in groups:
+    out.append([jax.tree.map(lambda t, k=k: t[k], stacked)
+                for k in range(start, start + group.shape[0])])
+    start += group.shape[0]
+  return out
 
 
 def _warn_if_independent_of_params(

@@ -63,9 +63,11 @@ class Preconditioner(NamedTuple):
   r"""What one step of KWNG builds before it sees g or :math:`\epsilon`.
 
   Attributes:
-    whitened: :math:`\tilde T`, a params-shaped pytree with a leading axis M.
+    factor: :math:`F = \tilde T D^{1/2}`, the whitened factor scaled by
+      the square root of the damping (:func:`kwng_jax.solve.scaled_factor`),
+      a params-shaped pytree with a leading axis M.
     damping: D, a params-shaped pytree.
-    gram: :math:`\tilde T D \tilde T^\top`, shape (M, M).
+    gram: :math:`F F^\top = \tilde T D \tilde T^\top`, shape (M, M).
     bandwidth: the kernel bandwidth used.
     effective_rank: the number of kept eigenvalues of the Gram matrix.
     finite_samples: whether the samples were all finite.
@@ -83,7 +85,7 @@ class Preconditioner(NamedTuple):
       optimizer's state keeps; None otherwise.
   """
 
-  whitened: PyTree
+  factor: PyTree
   damping: PyTree
   gram: jax.Array
   bandwidth: jax.Array
@@ -112,7 +114,7 @@ class Preconditioner(NamedTuple):
         ``'metric_diagonal'`` store one more params-shaped pytree).
 
     Returns:
-      A :class:`Preconditioner` with :math:`\tilde T` of shape
+      A :class:`Preconditioner` with F of shape
       ``(M, *p.shape)`` per leaf ``p``, D shaped like ``params``, and an
       M×M Gram.
 
@@ -121,7 +123,7 @@ class Preconditioner(NamedTuple):
       >>> import kwng_jax
       >>> params = {'w': jax.ShapeDtypeStruct((3, 4), jnp.float32)}
       >>> empty = kwng_jax.Preconditioner.empty(params, num_basis=5)
-      >>> empty.whitened['w'].shape, empty.gram.shape
+      >>> empty.factor['w'].shape, empty.gram.shape
       ((5, 3, 4), (5, 5))
     """
     if num_basis < 1:
@@ -137,7 +139,7 @@ class Preconditioner(NamedTuple):
     solve.check_damping(damping)
     zeros = lambda p: jnp.zeros_like(p, dtype=dtype)  # noqa: E731
     return cls(
-        whitened=jax.tree.map(leading, params),
+        factor=jax.tree.map(leading, params),
         damping=jax.tree.map(zeros, params),
         gram=jnp.zeros((num_basis, num_basis), matrix_dtype),
         bandwidth=jnp.zeros((), jnp.float32),
