@@ -11,7 +11,7 @@ from kwng_jax import probes
 
 @pytest.mark.parametrize('num_rows', [16, 6])
 def test_probes_estimate_the_diagonal_of_the_samples_metric(num_rows):
-  """mean_k (Jᵀv_k)² over Gaussian probes on the first n rows -> (JᵀJ)_jj / n."""
+  """mean_k (Jᵀv_k)² over random sign probes on the first n rows -> (JᵀJ)_jj / n."""
   x = jax.random.normal(jax.random.key(0), (16, 3)) * jnp.array([[0.1, 1.0, 3.0]])
   params = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
   samples, vjp_fn = jax.vjp(lambda p: x @ p['w'] + p['b'][None, :], params)
@@ -19,6 +19,9 @@ def test_probes_estimate_the_diagonal_of_the_samples_metric(num_rows):
                                        samples.dtype)
   assert cotangents.shape == (20000, 16, 2)
   np.testing.assert_array_equal(cotangents[:, num_rows:], 0.0)
+  # Signs: +-1 / sqrt(n), each about half the time.
+  np.testing.assert_allclose(jnp.abs(cotangents[:, :num_rows]), 1.0 / np.sqrt(num_rows), rtol=1e-6)
+  assert abs(float(jnp.mean(cotangents[:, :num_rows] > 0)) - 0.5) < 0.01
   diagonal = probes.metric_diagonal(factors.pullbacks(vjp_fn, cotangents))
   # X[n, i] = sum_a x[n, a] w[a, i] + b[i]: (JᵀJ) at w[a, i] is sum_n x[n, a]², at b[i] it is n.
   expected_w = jnp.broadcast_to(jnp.mean(jnp.square(x[:num_rows]), axis=0)[:, None], (3, 2))
