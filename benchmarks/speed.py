@@ -15,24 +15,25 @@ The rows, for each M of ``--num-basis`` (default 5 and 20):
 
 * ``published M=m``: the chain of the paper's experiments
   (``kwng_jax.published_kwng``: adaptive ε, clip 1);
-* ``KWNG M=m``: the recommended ``kwng_jax.kwng`` (safe damping, the step
-  capped by the displacement of the samples: one more ``jax.jvp``);
+* ``KWNG M=m``: the recommended ``kwng_jax.kwng`` with its defaults (the
+  metric-diagonal damping, T from the first 32 samples of the batch, the
+  step capped by the displacement of the samples: one more ``jax.jvp``);
 * ``KWNG M=5 [option=value]``: the recommended chain with one more option,
-  per ``--kwng-variant``: T from 32 of the samples (``jacobian_samples=32``;
-  the step then also passes ``jacobian_outputs_fn``, the model on the first
-  32 images, so that T costs 32 samples' VJPs), the batched VJP as
-  ``jax.vmap`` or ``lax.map`` instead of the default (an unrolled loop on
-  CPUs, ``vmap`` elsewhere), and ``update_every=10``; ``[stacked]`` is the
-  recommended M=5 stepped by ``kwng_jax.value_grad_and_update``, whose loss
-  cotangent goes through the backward pass of T;
+  per ``--kwng-variant``: T from the whole batch (``jacobian_samples=None``),
+  the batched VJP as ``jax.vmap`` or ``lax.map`` instead of the default (an
+  unrolled loop on CPUs, ``vmap`` elsewhere), and ``update_every=10``;
+  ``[stacked]`` is the recommended M=5 stepped by
+  ``kwng_jax.value_grad_and_update`` with T from the whole batch, whose loss
+  cotangent goes through the same backward pass as T;
 * ``floor M=m`` and ``floor M=m + JVP``: what no KWNG step can avoid, run as
   a step of its own: the SGD step plus M VJPs of the model's outputs, one
   after the other, (plus one JVP, the recommended chain's displacement), all
   from the same forward pass. The targets compare KWNG's step with it.
 
 KWNG reuses the loss's own forward pass (``flax_utils.value_grad_and_vjp``,
-passed as ``samples_and_vjp=``); ``--forward separate`` lets it recompute the
-logits instead.
+passed as ``samples_and_vjp=``), and gets ``outputs_fn`` from
+``kwng_jax.batch_outputs_fn``, which runs the model on the first 32 images
+for T; ``--forward separate`` lets it recompute the logits instead.
 
 Timing: each step is compiled ahead of time (``lower().compile()``, tracing
 included, timed separately); then, in ``--rounds`` rounds, each optimizer
@@ -105,7 +106,7 @@ RATIO_TARGETS = {
 # KWNG's step over its floor, and its compile time over SGD's, at most:
 FLOOR_TARGET = 1.2
 COMPILE_TARGET = 3.0
-DEFAULT_VARIANTS = ('stacked', 'jacobian_samples=32', 'jacobian_batching=vmap',
+DEFAULT_VARIANTS = ('stacked', 'jacobian_samples=None', 'jacobian_batching=vmap',
                     'jacobian_batching=map', 'update_every=10')
 VARIANT_NUM_BASIS = 5
 
@@ -250,13 +251,16 @@ def make_step(graphdef: nnx.GraphDef, tx: Any, *, fused: bool,
     if isinstance(tx, Floor):
       updates = floor_update(tx, grads, samples_and_vjp, opt_state)
       return (optax.apply_updates(params, updates), new_rest, opt_state), loss
+    # The logits of the batch, as a function that can also run on its
+    # first rows (what kwng()'s jacobian_samples='auto' uses).
+    outputs_fn = kwng_jax.batch_outputs_fn(lambda p, inputs: forward(p, inputs)[0], images)
     if jacobian_rows is not None:
-      forward_pass = {'outputs_fn': lambda p: forward(p)[0],
-                      'jacobian_outputs_fn': lambda p: forward(p, images[:jacobian_rows])[0]}
+      forward_pass = {'outputs_fn': outputs_fn,
+                      'jacobian_outputs_fn': outputs_fn.first_rows(jacobian_rows)}
     elif fused:
-      forward_pass = {'samples_and_vjp': samples_and_vjp}
+      forward_pass = {'samples_and_vjp': samples_and_vjp, 'outputs_fn': outputs_fn}
     else:
-      forward_pass = {'outputs_fn': lambda p: forward(p)[0]}
+      forward_pass = {'outputs_fn': outputs_fn}
     updates, opt_state = tx.update(grads, opt_state, params, value=loss, **forward_pass)
     return (optax.apply_updates(params, updates), new_rest, opt_state), loss
 

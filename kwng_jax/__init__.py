@@ -30,6 +30,8 @@ from kwng_jax._src.estimator import apply_preconditioner
 from kwng_jax._src.estimator import build_preconditioner
 from kwng_jax._src.estimator import natural_gradient
 from kwng_jax._src.from_vjp import preconditioner_from_vjp
+from kwng_jax._src.outputs import batch_outputs_fn
+from kwng_jax._src.outputs import BatchOutputsFn
 from kwng_jax._src.preconditioner import KWNGInfo
 from kwng_jax._src.preconditioner import Preconditioner
 from kwng_jax._src.stacking import value_grad_and_update
@@ -40,12 +42,14 @@ __version__ = '0.7.0'
 
 __all__ = [
     'AdaptiveDampingState',
+    'BatchOutputsFn',
     'KWNGInfo',
     'Preconditioner',
     'ScaleByDisplacementState',
     'ScaleByKWNGState',
     'adaptive_damping',
     'apply_preconditioner',
+    'batch_outputs_fn',
     'build_preconditioner',
     'clip_by_global_norm',
     'exact',

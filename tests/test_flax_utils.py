@@ -151,6 +151,19 @@ def test_nnx_outputs_fn_evaluates_at_given_params_without_mutating():
   np.testing.assert_allclose(outputs_fn(doubled), copy(inputs), rtol=1e-6)
 
 
+def test_nnx_outputs_fn_runs_on_the_first_rows_for_kwng():
+  """nnx_outputs_fn can run the model on the first rows alone (the model in
+  eval mode, so that those rows are independent of the others)."""
+  inputs, _ = _data()
+  model = BatchNormNet(_rngs())
+  model.eval()
+  outputs_fn = flax_utils.nnx_outputs_fn(model, inputs)
+  assert isinstance(outputs_fn, kwng_jax.BatchOutputsFn)
+  assert outputs_fn.batch_size == inputs.shape[0]
+  params = nnx.state(model, nnx.Param)
+  np.testing.assert_allclose(outputs_fn.first_rows(5)(params), model(inputs)[:5], rtol=1e-5)
+
+
 @pytest.mark.parametrize('fused', [False, True])
 def test_batch_stats_after_kwng_step_equal_sgd_step(fused):
   inputs, labels = _data()

@@ -33,7 +33,7 @@ def kwng(
     rcond: float | None = None,
     seed: int = 0,
     update_every: int | None = None,
-    jacobian_samples: int | None = None,
+    jacobian_samples: options.JacobianSamples = 'auto',
     jacobian_dtype: Any = None,
     jacobian_batching: options.JacobianBatching = 'auto',
 ) -> optax.GradientTransformationExtraArgs:
@@ -122,7 +122,14 @@ def kwng(
     rcond: see :func:`kwng_jax.scale_by_kwng`.
     seed: see :func:`kwng_jax.scale_by_kwng`.
     update_every: see :func:`kwng_jax.scale_by_kwng`.
-    jacobian_samples: see :func:`kwng_jax.scale_by_kwng`.
+    jacobian_samples: default ``'auto'``: T (and the probes of the
+      damping) from the first 32 samples when ``outputs_fn`` can run on
+      them alone (:func:`kwng_jax.batch_outputs_fn`,
+      :func:`kwng_jax.flax_utils.nnx_outputs_fn`) or a
+      ``jacobian_outputs_fn`` is passed, from the whole batch otherwise; a
+      number n or None as for :func:`kwng_jax.scale_by_kwng`. The kernel's
+      samples, the basis and the displacement :math:`\Delta` use the whole
+      batch.
     jacobian_dtype: see :func:`kwng_jax.scale_by_kwng`.
     jacobian_batching: see :func:`kwng_jax.natural_gradient`.
 
@@ -187,7 +194,7 @@ def published_kwng(
     rcond: float | None = None,
     seed: int = 0,
     update_every: int | None = None,
-    jacobian_samples: int | None = None,
+    jacobian_samples: options.JacobianSamples = None,
     jacobian_dtype: Any = None,
     jacobian_batching: options.JacobianBatching = 'auto',
 ) -> optax.GradientTransformationExtraArgs:

@@ -101,6 +101,8 @@ def build(
         'first jacobian_samples rows of the batch.'
     )
   outputs_lib.check_params(params)
+  opts, jacobian_outputs_fn = outputs_lib.resolve_jacobian_rows(
+      opts, outputs_fn, jacobian_outputs_fn)
   jacobian_params = params
   if opts.jacobian_dtype is not None:
     jacobian_params = jax.tree.map(lambda p: p.astype(opts.jacobian_dtype), params)
@@ -116,16 +118,8 @@ def build(
     # whole batch; under jit this forward pass is shared with the loss's.
     with outputs_lib.explained_errors():
       samples = outputs_lib.as_samples(outputs_fn(params))
-  if jacobian_outputs_fn is not None and (
-      jacobian_outputs.shape[1:] != samples.shape[1:]
-      or (opts.jacobian_samples is not None
-          and jacobian_outputs.shape[0] != opts.jacobian_samples)
-  ):
-    raise ValueError(
-        'jacobian_outputs_fn must return the first jacobian_samples='
-        f'{opts.jacobian_samples} rows of what outputs_fn returns '
-        f'{samples.shape}; it returned shape {jacobian_outputs.shape}.'
-    )
+  if jacobian_outputs_fn is not None:
+    check_jacobian_rows(jacobian_outputs, samples, opts.jacobian_samples)
   jacobian_like = jax.ShapeDtypeStruct(jacobian_outputs.shape, jacobian_outputs.dtype)
   num_rows = (jacobian_outputs.shape[0] if jacobian_outputs_fn is not None
               else opts.jacobian_samples or samples.shape[0])
@@ -134,6 +128,17 @@ def build(
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
       diagonal_average=diagonal_average,
   )[0]
+
+
+def check_jacobian_rows(rows: jax.Array, samples: jax.Array, num_rows: int | None) -> None:
+  """Raises unless ``rows`` (of ``jacobian_outputs_fn``) are n rows shaped like ``samples``'."""
+  if (rows.shape[1:] != samples.shape[1:] or rows.shape[0] > samples.shape[0]
+      or (num_rows is not None and rows.shape[0] != num_rows)):
+    raise ValueError(
+        'jacobian_outputs_fn must return the first jacobian_samples='
+        f'{num_rows} rows of what outputs_fn returns '
+        f'{samples.shape}; it returned shape {rows.shape}.'
+    )
 
 
 def apply_preconditioner(
@@ -245,8 +250,10 @@ def natural_gradient(
       still from all N). It is the KWNG
       estimate of the sub-batch, with the basis of the whole batch. The M
       vector–Jacobian products cost n/N of the full ones only when
-      ``jacobian_outputs_fn`` computes those n samples alone; without it,
-      the numbers are the same and the cost that of the whole batch.
+      ``jacobian_outputs_fn`` computes those n samples alone, or
+      ``outputs_fn`` can (:func:`kwng_jax.batch_outputs_fn`); without
+      either, the numbers are the same and the cost that of the whole
+      batch. ``'auto'``: 32 when one of them can, else the whole batch.
     jacobian_dtype: e.g. ``jnp.bfloat16`` (default None: the params'
       dtype): the params are cast to it for the VJPs that give T
       (``outputs_fn`` must then compute in the dtype of the params it is

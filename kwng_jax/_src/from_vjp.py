@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import functools
 from typing import Any, TYPE_CHECKING
 import warnings
@@ -136,6 +137,9 @@ def from_vjp_of_options(
         'samples, vjp_fn = jax.vjp(outputs_fn, params).'
     )
   samples = outputs_lib.as_samples(samples)
+  if opts.jacobian_samples == 'auto':
+    # vjp_fn is that of the whole batch: nothing says it could be cheaper.
+    opts = dataclasses.replace(opts, jacobian_samples=None)
   num_rows = opts.jacobian_samples or samples.shape[0]
   if num_rows > samples.shape[0]:
     raise ValueError(

@@ -27,6 +27,14 @@ BANDWIDTH_RULES = ('mean_distance', 'median')
 
 Damping = Literal['reference', 'safe', 'squared', 'identity', 'metric_diagonal']
 JacobianBatching = Literal['auto', 'vmap', 'loop', 'map']
+JacobianSamples = int | Literal['auto'] | None
+
+#: The n of ``jacobian_samples='auto'``. On the digits benchmarks (10 fresh
+#: seeds, test accuracy at the learning rate chosen on validation), T from
+#: the first 32 of 128 samples gave 0.978 on the ill-conditioned MLP and
+#: 0.969 on the ill-conditioned CNN, against 0.975 and 0.958 from the
+#: whole batch; each of its VJPs costs a quarter of the batch's.
+AUTO_JACOBIAN_SAMPLES = 32
 
 #: How the M VJPs that give T run (see :func:`kwng_jax.factors.jacobian_factor`).
 JACOBIAN_BATCHINGS = ('auto', 'vmap', 'loop', 'map')
@@ -59,7 +67,7 @@ class EstimatorKwargs(TypedDict, total=False):
   damping: Damping
   ridge: float | Any
   rcond: float | None
-  jacobian_samples: int | None
+  jacobian_samples: JacobianSamples
   jacobian_dtype: Any
   jacobian_batching: JacobianBatching
 
@@ -86,7 +94,7 @@ class EstimatorOptions:
   damping: Damping = 'reference'
   ridge: float | Any = 0.0
   rcond: float | None = None
-  jacobian_samples: int | None = None
+  jacobian_samples: JacobianSamples = None
   jacobian_dtype: Any = None
   jacobian_batching: JacobianBatching = 'auto'
 
@@ -286,10 +294,11 @@ def check_estimator_options(
   solve.check_damping(damping)
   check_nonnegative('ridge', ridge, '0 gives the ridgeless estimator')
   check_rcond(rcond)
-  if jacobian_samples is not None:
+  if jacobian_samples is not None and not (
+      isinstance(jacobian_samples, str) and jacobian_samples == 'auto'):
     check_count(
         'jacobian_samples', jacobian_samples,
-        'Pass a number of samples, or None to use the whole batch.',
+        "Pass a number of samples, 'auto', or None to use the whole batch.",
     )
   if jacobian_batching not in JACOBIAN_BATCHINGS:
     raise ValueError(

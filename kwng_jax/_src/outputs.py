@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import dataclasses
 import warnings
 from typing import Any
 
@@ -20,8 +21,118 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kwng_jax._src import options as options_lib
+
 PyTree = Any
 OutputsFn = Callable[[PyTree], jax.Array]
+
+
+class BatchOutputsFn:
+  """``outputs_fn`` of one batch that can also run on the batch's first rows.
+
+  Built by :func:`kwng_jax.batch_outputs_fn` (and
+  :func:`kwng_jax.flax_utils.nnx_outputs_fn`); see there.
+  """
+
+  def __init__(self, apply_fn: Callable[..., Any], inputs: tuple[Any, ...],
+               kwargs: dict[str, Any]):
+    if not callable(apply_fn):
+      raise ValueError(
+          'batch_outputs_fn needs apply_fn, a function (params, *inputs) -> samples '
+          f'of shape (N, ...); got {type(apply_fn).__name__}.')
+    self.apply_fn = apply_fn
+    self.inputs = inputs
+    self.kwargs = kwargs
+    batched = [x for x in inputs if getattr(x, 'ndim', 0) >= 1]
+    if not batched:
+      raise ValueError(
+          'batch_outputs_fn needs the batch among its positional inputs: an array '
+          'whose leading axis indexes the samples (e.g. the images).')
+    #: N, the leading axis of the first array input.
+    self.batch_size = int(batched[0].shape[0])
+
+  def __call__(self, params: PyTree) -> Any:
+    return self.apply_fn(params, *self.inputs, **self.kwargs)
+
+  def first_rows(self, num_rows: int) -> 'BatchOutputsFn':
+    """The same function of the first ``num_rows`` samples of the batch.
+
+    Each positional input whose leading axis is the batch's (N) is cut to
+    its first ``num_rows`` entries; other inputs and the keyword arguments
+    are passed as they are.
+    """
+    if not 1 <= num_rows <= self.batch_size:
+      raise ValueError(
+          f'first_rows({num_rows}) needs 1 <= num_rows <= N={self.batch_size}.')
+    inputs = tuple(
+        x[:num_rows] if getattr(x, 'ndim', 0) >= 1 and x.shape[0] == self.batch_size else x
+        for x in self.inputs)
+    return BatchOutputsFn(self.apply_fn, inputs, self.kwargs)
+
+
+def batch_outputs_fn(apply_fn: Callable[..., Any], *inputs: Any, **kwargs: Any) -> BatchOutputsFn:
+  r"""``outputs_fn`` for a model applied to a batch: ``params -> apply_fn(params, *inputs)``.
+
+  Use it in place of ``lambda p: apply_fn(p, *inputs)``: it computes the
+  same samples, and it can also run on the first n samples of the batch
+  alone, so that :func:`kwng_jax.kwng` (``jacobian_samples='auto'``)
+  computes its M vector–Jacobian products on 32 samples instead of the
+  whole batch. A plain function works too, at the cost of the whole batch.
+
+  Each positional input whose leading axis is the batch's (that of the first
+  array among them) is cut to its first n rows; other inputs (a PRNG key,
+  a flag) and the keyword arguments are passed as they are. The rows of
+  the batch must be independent for the cut to give the same function of
+  those rows: with BatchNorm in train mode the first n samples are
+  normalized with their own statistics.
+
+  Args:
+    apply_fn: ``(params, *inputs, **kwargs) -> samples`` of shape ``(N, ...)``.
+    *inputs: the batch (and any other positional inputs).
+    **kwargs: keyword arguments passed to ``apply_fn``.
+
+  Returns:
+    A callable ``params -> samples``, with ``first_rows(n)`` and
+    ``batch_size`` (N).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import kwng_jax
+    >>> x = jax.random.normal(jax.random.key(0), (128, 3))
+    >>> apply = lambda p, x: jnp.tanh(x @ p['w'])
+    >>> outputs_fn = kwng_jax.batch_outputs_fn(apply, x)
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> outputs_fn(params).shape, outputs_fn.first_rows(32)(params).shape
+    ((128, 4), (32, 4))
+  """
+  return BatchOutputsFn(apply_fn, inputs, kwargs)
+
+
+def resolve_jacobian_rows(
+    opts: Any, outputs_fn: Any, jacobian_outputs_fn: OutputsFn | None
+) -> tuple[Any, OutputsFn | None]:
+  """Which rows T comes from, and the function that computes them alone.
+
+  ``'auto'`` becomes ``options.AUTO_JACOBIAN_SAMPLES`` (32) when
+  ``outputs_fn`` can run on its first rows (:class:`BatchOutputsFn`) and
+  the batch is larger, else None (the whole batch); a ``jacobian_outputs_fn``
+  given by the user sets n itself. A number n with no
+  ``jacobian_outputs_fn`` takes ``outputs_fn.first_rows(n)`` when there is
+  one. Returns the options with ``jacobian_samples`` an int or None, and
+  the function for T (None: ``outputs_fn`` itself).
+  """
+  requested = opts.jacobian_samples
+  rows_fn = getattr(outputs_fn, 'first_rows', None)
+  batch_size = getattr(outputs_fn, 'batch_size', None)
+  if isinstance(requested, str):
+    requested = None
+    if (jacobian_outputs_fn is None and rows_fn is not None
+        and batch_size > options_lib.AUTO_JACOBIAN_SAMPLES):
+      requested = options_lib.AUTO_JACOBIAN_SAMPLES
+  if (requested is not None and jacobian_outputs_fn is None and rows_fn is not None
+      and requested < batch_size):
+    jacobian_outputs_fn = rows_fn(requested)
+  return dataclasses.replace(opts, jacobian_samples=requested), jacobian_outputs_fn
 
 
 def _is_masked(x: Any) -> bool:

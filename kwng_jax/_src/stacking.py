@@ -26,6 +26,7 @@ import optax.tree_utils as otu
 
 from kwng_jax._src import from_vjp
 from kwng_jax._src import options as options_lib
+from kwng_jax._src import outputs as outputs_lib
 
 PyTree = Any
 
@@ -124,6 +125,11 @@ def value_grad_and_update(
   loss, (loss_cotangent, direct) = jax.value_and_grad(loss_fn, argnums=(0, 1))(samples, params)
   stacking = stacking_of(tx)
   extra = dict(extra_args, outputs_fn=outputs_fn)
+  if stacking is not None and stacking.options.jacobian_samples == 'auto':
+    resolved, _ = outputs_lib.resolve_jacobian_rows(stacking.options, outputs_fn, None)
+    if resolved.jacobian_samples is not None:
+      # T from the first rows alone costs less than its rows of the whole batch.
+      stacking = None
   if stacking is None:
     (through_samples,) = vjp_fn(loss_cotangent)
   else:

@@ -9,6 +9,7 @@ clipping, a learning rate, momentum or Adam like any Optax transformation.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -80,7 +81,7 @@ def scale_by_kwng(
     rcond: float | None = None,
     seed: int = 0,
     update_every: int | None = None,
-    jacobian_samples: int | None = None,
+    jacobian_samples: options.JacobianSamples = None,
     jacobian_dtype: Any = None,
     jacobian_batching: options.JacobianBatching = 'auto',
 ) -> optax.GradientTransformationExtraArgs:
@@ -141,10 +142,13 @@ def scale_by_kwng(
     (jax-ml/jax#12868): there, use it with dense models only (a
     ``RuntimeWarning`` at trace time says so).
   * ``jacobian_samples=n``: W, Q and T from the first n samples of the batch
-    (basis and bandwidth from all of it). For the speed gain pass
-    ``jacobian_outputs_fn=lambda p: model(p, x[:n])`` to the update, so the
+    (basis and bandwidth from all of it). For the speed gain build
+    ``outputs_fn`` with :func:`kwng_jax.batch_outputs_fn` (or pass
+    ``jacobian_outputs_fn=lambda p: model(p, x[:n])`` to the update), so the
     VJPs run on n samples; without it the result is the same and the cost
-    that of the whole batch.
+    that of the whole batch. With ``samples_and_vjp`` and such an
+    ``outputs_fn`` both passed, the samples come from the forward pass
+    already run and T from the n samples' own.
   * ``jacobian_dtype=jnp.bfloat16``: the VJPs run on params cast to it
     (``outputs_fn`` must compute in its params' dtype); the samples, the
     kernel, the whitening and the M×M solve stay in at least float32.
@@ -170,7 +174,9 @@ def scale_by_kwng(
       1: every step, nothing stored). A Python int: it fixes what the state
       holds. Under ``optax.inject_hyperparams``, name it in ``static_args``
       (with ``num_basis``); its default None is left alone there.
-    jacobian_samples: n; compute W, Q and T from the first n samples.
+    jacobian_samples: n; compute W, Q and T from the first n samples
+      (None: the whole batch; ``'auto'``: 32 when ``outputs_fn`` can run on
+      its first rows alone, see :func:`kwng_jax.batch_outputs_fn`).
     jacobian_dtype: dtype of the VJPs that give T, e.g. ``jnp.bfloat16``.
     jacobian_batching: how the M VJPs run (default ``'auto'``: unrolled on
       CPU, batched with ``vmap`` on accelerators); see
@@ -294,7 +300,7 @@ def scale_by_kwng(
     return direction, new_state
 
   transformation = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  if update_every == 1 and jacobian_samples is None and jacobian_dtype is None:
+  if update_every == 1 and jacobian_samples in (None, 'auto') and jacobian_dtype is None:
     stacking.register(transformation, stacking.Stacking(opts, seed))
   return transformation
 
@@ -319,8 +325,13 @@ def _builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_para
         + MISSING_EXTRA_ARGS_HINT
     )
   outputs_lib.check_params(params)
+  if outputs_fn is not None:
+    opts, jacobian_outputs_fn = outputs_lib.resolve_jacobian_rows(
+        opts, outputs_fn, jacobian_outputs_fn)
+  elif opts.jacobian_samples == 'auto':
+    opts = dataclasses.replace(opts, jacobian_samples=None)
   own_vjps = opts.jacobian_samples is not None or opts.jacobian_dtype is not None
-  if samples_and_vjp is not None and not (own_vjps and outputs_fn is not None):
+  if samples_and_vjp is not None and (not own_vjps or outputs_fn is None):
     if own_vjps:
       raise ValueError(
           'jacobian_samples and jacobian_dtype run their own VJPs: pass '
@@ -333,6 +344,23 @@ def _builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_para
     return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key_fn(),
                                                  diagonal_average=diagonal_average),
             lambda: outputs_lib.warn_if_convolutions_on_cpu(vjp_fn, samples))
+  if (samples_and_vjp is not None and jacobian_outputs_fn is not None
+      and opts.jacobian_dtype is None):
+    # The samples of the forward pass already run, T from the first rows alone.
+    samples, _ = outputs_lib.check_samples_and_vjp(samples_and_vjp, params, 'scale_by_kwng')
+
+    def build_from_rows():
+      with outputs_lib.explained_errors():
+        rows, rows_vjp_fn = jax.vjp(jacobian_outputs_fn, params)
+      rows = outputs_lib.as_samples(rows)
+      estimator.check_jacobian_rows(rows, samples, opts.jacobian_samples)
+      return from_vjp.from_vjp_of_options(
+          samples, rows_vjp_fn, dataclasses.replace(opts, jacobian_samples=rows.shape[0]),
+          key=key_fn(), diagonal_average=diagonal_average)
+
+    return (build_from_rows,
+            lambda: outputs_lib.warn_if_convolutions_on_cpu(
+                outputs_lib.backward_pass(jacobian_outputs_fn), params))
   outputs_fn = outputs_lib.unmasked_outputs_fn(
       outputs_fn, params, full_params, 'scale_by_kwng'
   )

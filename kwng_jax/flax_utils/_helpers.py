@@ -11,6 +11,8 @@ from flax.training import train_state
 import jax
 import optax
 
+import kwng_jax
+
 PyTree = Any
 
 
@@ -42,7 +44,9 @@ def nnx_outputs_fn(
 
   Returns:
     ``outputs_fn(params) -> model(*args, **kwargs)``, where ``params`` is the
-    ``wrt`` state of the model (with or without its ``Variable`` wrappers).
+    ``wrt`` state of the model (with or without its ``Variable`` wrappers):
+    a :class:`kwng_jax.BatchOutputsFn`, which can also run the model on the
+    first rows of the batch alone (``kwng_jax.kwng()`` computes T from 32).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -68,11 +72,11 @@ def nnx_outputs_fn(
   """
   graphdef, _, rest = _split_pure(model, wrt)
 
-  def outputs_fn(params: PyTree) -> jax.Array:
+  def apply(params: PyTree, *inputs: Any, **keywords: Any) -> jax.Array:
     copy = nnx.merge(graphdef, nnx.as_pure(params), rest)
-    return copy(*args, **kwargs)
+    return copy(*inputs, **keywords)
 
-  return outputs_fn
+  return kwng_jax.batch_outputs_fn(apply, *args, **kwargs)
 
 
 def _split_pure(model: Any, wrt: Any) -> tuple[Any, Any, Any]:
