@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 from typing import Any, TYPE_CHECKING
 
 import jax
@@ -167,8 +168,11 @@ def apply_preconditioner(
         preconditioner.unseen,
     )
   alignment = sharding.tree_vdot(grads, direction)
-  finite_grads = _tree_all_finite(grads)
-  finite_direction = _tree_all_finite(direction)
+  finite_grads = _sum_is_finite(grads)
+  # With g finite, <g, ĝ> is finite exactly when ĝ is (an Inf or NaN entry
+  # of ĝ makes it Inf or NaN, 0 · Inf included), unless it overflows: no
+  # pass over ĝ of its own.
+  finite_direction = jnp.isfinite(alignment)
   info = KWNGInfo(
       bandwidth=preconditioner.bandwidth,
       effective_rank=preconditioner.effective_rank,
@@ -182,9 +186,15 @@ def apply_preconditioner(
   return direction, info
 
 
-def _tree_all_finite(tree: PyTree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def _sum_is_finite(tree: PyTree) -> jax.Array:
+  """Whether the sum of all entries is finite: False for any NaN or Inf.
+
+  One reduction that reads each leaf, where ``all(isfinite(x))`` writes a
+  boolean array first. Finite entries whose sum overflows float32 (beyond
+  3e38) count as not finite too.
+  """
+  sums = [jnp.sum(x, dtype=solve.at_least_float32(x.dtype)) for x in jax.tree.leaves(tree)]
+  return jnp.isfinite(functools.reduce(jnp.add, sums)) if sums else jnp.array(True)
 
 
 def natural_gradient(

@@ -25,7 +25,8 @@ class KWNGInfo(NamedTuple):
     fallback: True when :math:`\\hat g` is not finite or
       :math:`\\langle g, \\hat g\\rangle \\le 0`; :func:`kwng_jax.scale_by_kwng`
       then uses g instead.
-    finite_inputs: False when the gradient or the samples hold NaN or Inf;
+    finite_inputs: False when the gradient or the samples hold NaN or Inf
+      (or the gradient's entries sum beyond the float32 range, 3e38);
       the update of :func:`kwng_jax.scale_by_kwng` is then zero.
     depends_on_params: False when the whitened factor :math:`\\tilde T` is
       zero, as when the samples do not depend on the params: the direction
