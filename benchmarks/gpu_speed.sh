@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU step-time check: ResNet-18 (BatchNorm, ill-conditioned head), batch
 # 128, random CIFAR-shaped data, in one process: SGD, Adam, the published and
-# the recommended KWNG at M=5 and M=20 with their floors, and the recommended
-# M=5 with T from 32 of the 128 samples, with the VJPs as vmap or lax.map,
-# and with update_every=10 (speed.py's default rows).
+# the recommended KWNG at M=5 and M=20 (its default: T from 32 of the 128
+# samples) with their floors, and the recommended M=5 stacked, with T from
+# the whole batch, with the VJPs as vmap or lax.map, and with
+# update_every=10 (speed.py's default rows).
 #
 # Run from the repository root on a machine whose python3 has jax (CUDA),
 # flax, optax, tqdm and matplotlib: `bash benchmarks/gpu_speed.sh`. About 5
