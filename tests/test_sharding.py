@@ -211,3 +211,26 @@ def test_published_chain_runs_fsdp_on_an_explicit_mesh_with_donated_state():
   for step_index, (got, want) in enumerate(zip(updates, expected)):
     assert relative_difference(got, want) < 1e-5, step_index
   assert int(optax.tree_utils.tree_get(state, 'damping_count')) == 3
+
+
+@pytest.mark.parametrize('layout', ['batch', 'fsdp'])
+def test_kwng_with_t_from_the_first_rows_sharded_equals_single_device(layout):
+  """kwng()'s default with a batch_outputs_fn (T from 32 of the 128 samples,
+  the first rows of a batch split over 8 devices) equals the single-device
+  update, on an explicit mesh."""
+
+  def first_rows_step(opt, params, state, inputs, targets):
+    outputs_fn = kwng_jax.batch_outputs_fn(apply, inputs)
+    loss_fn = lambda p: jnp.mean(jnp.square(outputs_fn(p) - targets))  # noqa: E731
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return opt.update(grads, state, params, outputs_fn=outputs_fn, value=loss)[0]
+
+  opt = kwng_jax.kwng(learning_rate=0.1)
+  params, inputs, targets = make_problem()
+  step = jax.jit(functools.partial(first_rows_step, opt))
+  expected = step(params, opt.init(params), inputs, targets)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    params, inputs, targets = shard(mesh, params, inputs, targets, layout)
+    got = step(params, opt.init(params), inputs, targets)
+  assert relative_difference(got, expected) < 1e-5

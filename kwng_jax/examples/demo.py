@@ -52,8 +52,8 @@ def make_train_step(opt: optax.GradientTransformationExtraArgs, scales: jax.Arra
   """A jitted step: loss, gradient, and an update that sees outputs_fn and value."""
 
   def train_step(params, opt_state, images, labels):
-    def outputs_fn(p):
-      return mlp_logits(p, images, scales)
+    # The logits of this batch; kwng() differentiates them on 32 images alone.
+    outputs_fn = kwng_jax.batch_outputs_fn(lambda p, x: mlp_logits(p, x, scales), images)
 
     def loss_fn(p):
       logits = outputs_fn(p)
