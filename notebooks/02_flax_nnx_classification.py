@@ -133,7 +133,9 @@ print('logits of two images:', model(train_x[:2]))
 #   samples, here the logits of the batch.
 #   `kwng_jax.flax_utils.nnx_outputs_fn(model, images)` builds it from the
 #   model: it runs a copy of the model, so state such as BatchNorm statistics
-#   is never updated twice;
+#   is never updated twice, and it can run the model on the first rows of the
+#   batch alone, so that `kwng_jax.kwng` computes its M vector–Jacobian
+#   products on 32 images instead of the whole batch;
 # * `value`: the loss, for the adaptive damping of $\epsilon$.
 #
 # SGD and Adam ignore both, so one step function serves all optimizers.
