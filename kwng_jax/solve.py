@@ -48,16 +48,6 @@ CURVATURE_DAMPINGS = ('safe', 'metric_diagonal')
 #: gets a large but finite damping (the published constant).
 DAMPING_OFFSET = 1e-8
 
-#: The floor of ``'metric_diagonal'``'s diagonal, relative to its unit's mean
-#: (:func:`metric_diagonal_damping`). Chosen on the digits benchmarks (test
-#: accuracy at the learning rate chosen on validation): 1e-1 and 1e-2 give
-#: 0.971 and 0.980 on the well-conditioned CNN, 0.945 and 0.966 on the
-#: ill-conditioned CNN, 0.970 and 0.975 on the ill-conditioned MLP; 1e-4
-#: gives 0.974 on the well-conditioned CNN, and no floor 0.847 +- 0.146,
-#: some seeds at chance.
-METRIC_DIAGONAL_FLOOR = 1e-2
-
-
 def check_damping(damping: str) -> None:
   """Raises a ValueError naming the valid dampings unless ``damping`` is one."""
   if damping not in DAMPINGS:
@@ -164,8 +154,8 @@ def damping_diagonal(squared_norms: PyTree, damping: str = 'reference') -> PyTre
   * ``'identity'``: :math:`D = 1`;
   * ``'metric_diagonal'``: :math:`D_j^{-1} = (J^\top J)_{jj} / N`, the
     diagonal of the samples' own metric, estimated from random probes
-    (:func:`metric_diagonal_damping`; not computable from the column
-    norms alone, so this function refuses it);
+    (:func:`kwng_jax.probes.metric_diagonal_damping`; not computable from
+    the column norms alone, so this function refuses it);
   * ``'safe'``: ``'reference'`` on the columns the samples see. A column
     they do not see (a column of zeros: a parameter the loss uses but
     ``outputs_fn`` does not, a ReLU unit dead on the batch, T from a
@@ -187,7 +177,8 @@ def damping_diagonal(squared_norms: PyTree, damping: str = 'reference') -> PyTre
   if damping == 'metric_diagonal':
     raise ValueError(
         "damping='metric_diagonal' needs the diagonal of the samples' metric, "
-        'which the whitened factor does not hold: use metric_diagonal_damping.'
+        'which the whitened factor does not hold: use '
+        'kwng_jax.probes.metric_diagonal_damping.'
     )
 
   def diagonal(squared_norm):
@@ -230,7 +221,7 @@ def safe_damping(squared_norms: PyTree) -> tuple[PyTree, PyTree]:
   seen = jax.tree.map(lambda q: q > 0, squared_norms)
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
-  typical = jnp.sqrt(_mean_over_seen(squared_norms, seen))
+  typical = jnp.sqrt(mean_over_seen(squared_norms, seen))
   damping = jax.tree.map(
       lambda q, m: 1.0 / jnp.where(m, jnp.sqrt(q) + DAMPING_OFFSET, typical.astype(q.dtype)),
       squared_norms, seen)
@@ -239,73 +230,7 @@ def safe_damping(squared_norms: PyTree) -> tuple[PyTree, PyTree]:
   return damping, unseen
 
 
-def metric_diagonal_damping(
-    metric_diagonal: PyTree, squared_norms: PyTree) -> tuple[PyTree, PyTree]:
-  r"""D and the curvature :math:`v` of ``damping='metric_diagonal'``.
-
-  With :math:`s_j = (J^\top J)_{jj} / N` the diagonal of the samples'
-  metric (:func:`kwng_jax.probes.metric_diagonal`), :math:`D_j = 1 / s_j`:
-  the damping term :math:`\epsilon D^{-1}` is :math:`\epsilon` times the
-  squared RMS distance the samples move per unit of :math:`\theta_j`
-  (Marquardt's scaling of the Levenberg–Marquardt damping, with the
-  samples' metric in place of the Gauss–Newton matrix). Both
-  :math:`\tilde T^\top\tilde T` and :math:`D^{-1}` then transform as a
-  metric when a parameter is rescaled (:math:`\theta_j \to a\theta_j`
-  multiplies both by :math:`1/a^2`), so the direction is covariant under
-  any diagonal reparametrization, on the null space of the rank-M
-  estimate too; the ``'reference'`` D (one power of the column norm) is
-  not.
-
-  A parameter the batch barely moves (a ReLU unit active on a few samples)
-  would get :math:`D_j^{-1}` near zero, so a step that is small only to
-  first order and only on this batch. Each :math:`s_j` of an array with two
-  or more axes is therefore floored at ``METRIC_DIAGONAL_FLOOR`` (1e-2)
-  times the mean of :math:`s` over its unit: the entries that share its
-  last index (a Flax ``Dense`` or ``Conv`` kernel's output unit). The
-  floor is covariant under rescaling a unit, the way a badly scaled layer
-  or head is ill-conditioned; vectors (biases) are not floored.
-
-  A parameter the samples do not see (:math:`s_j = 0`: outside
-  ``outputs_fn``, a ReLU unit dead on the batch) is treated as
-  :func:`safe_damping` treats it: :math:`D_j^{-1}` and :math:`v_j` are
-  those of a typical seen parameter, the mean of :math:`s` and of the
-  squared column norms of :math:`\tilde T` over the seen parameters.
-
-  Args:
-    metric_diagonal: :math:`s`, params-shaped, :math:`\ge 0`.
-    squared_norms: q, the squared column norms of :math:`\tilde T`
-      (:func:`column_squared_norms`).
-
-  Returns:
-    ``(D, v)``, each shaped like the params, in the dtype of ``squared_norms``.
-  """
-  seen = jax.tree.map(lambda d: d > 0, metric_diagonal)
-  metric_diagonal = jax.tree.map(_floor_by_unit, metric_diagonal)
-  # With no parameter seen (samples that do not depend on the params) both
-  # are 1: the direction is then g / (1 + eps).
-  typical_metric = _mean_over_seen(metric_diagonal, seen)
-  typical_curvature = _mean_over_seen(squared_norms, seen)
-  # T̃ can be zero where J is not (the whitening dropped every mode): the
-  # unseen parameters still get a curvature, so their step stays bounded.
-  typical_curvature = jnp.where(typical_curvature > 0, typical_curvature, 1.0)
-  damping = jax.tree.map(
-      lambda d, m, t: (1.0 / jnp.where(m, d, typical_metric)).astype(t.dtype),
-      metric_diagonal, seen, squared_norms)
-  unseen = jax.tree.map(
-      lambda m, t: jnp.where(m, 0.0, typical_curvature).astype(t.dtype), seen, squared_norms)
-  return damping, unseen
-
-
-def _floor_by_unit(diagonal: jax.Array) -> jax.Array:
-  """Each entry at least ``METRIC_DIAGONAL_FLOOR`` times its unit's mean; zeros stay."""
-  if diagonal.ndim < 2:
-    return diagonal
-  unit_mean = jnp.mean(diagonal, axis=tuple(range(diagonal.ndim - 1)), keepdims=True)
-  return jnp.where(diagonal > 0, jnp.maximum(diagonal, METRIC_DIAGONAL_FLOOR * unit_mean),
-                   diagonal)
-
-
-def _mean_over_seen(values: PyTree, seen: PyTree) -> jax.Array:
+def mean_over_seen(values: PyTree, seen: PyTree) -> jax.Array:
   """The mean of ``values`` over the entries ``seen`` marks; 1 if there are none.
 
   ``values`` is zero on the unseen entries (a zero column of J gives zero

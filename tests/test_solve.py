@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 import kwng_jax
 import references
 from kwng_jax import factors
+from kwng_jax import probes
 from kwng_jax import solve
 
 from conftest import mlp_apply
@@ -162,7 +163,7 @@ def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones(
   whitened = {'seen': jnp.array([[3.0, 4.0], [0.0, 0.0]]), 'unseen': jnp.zeros((2, 1))}
   metric = {'seen': jnp.array([2.0, 6.0]), 'unseen': jnp.zeros(1)}
   squared_norms = solve.column_squared_norms(whitened)
-  damping, curvature = solve.metric_diagonal_damping(metric, squared_norms)
+  damping, curvature = probes.metric_diagonal_damping(metric, squared_norms)
   np.testing.assert_allclose(damping['seen'], [0.5, 1 / 6.0])
   np.testing.assert_allclose(curvature['seen'], [0.0, 0.0])
   # Unseen: D⁻¹ the mean seen diagonal (4), curvature the mean seen squared
@@ -180,8 +181,8 @@ def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():
   kernel = jnp.array([[3.0, 1e-8], [1e-6, 2e-8], [0.0, 0.0]])
   metric = {'kernel': kernel, 'bias': jnp.array([1.0, 1e-9])}
   squared_norms = {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), 2.0)}
-  damping, curvature = solve.metric_diagonal_damping(metric, squared_norms)
-  floor = solve.METRIC_DIAGONAL_FLOOR
+  damping, curvature = probes.metric_diagonal_damping(metric, squared_norms)
+  floor = probes.METRIC_DIAGONAL_FLOOR
   np.testing.assert_allclose(damping['kernel'][:2], 1.0 / np.array([[3.0, 1e-8], [floor, 2e-8]]),
                              rtol=1e-6)
   np.testing.assert_allclose(damping['bias'], [1.0, 1e9], rtol=1e-6)

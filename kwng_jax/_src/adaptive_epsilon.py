@@ -35,7 +35,7 @@ import optax.tree_utils as otu
 
 from kwng_jax._src import options
 from kwng_jax._src import sharding
-from kwng_jax._src import transform
+from kwng_jax._src import forward_pass
 
 PyTree = Any
 
@@ -155,7 +155,7 @@ def adaptive_damping(
       raise ValueError(
           'adaptive_damping needs the current loss: pass value=loss to the '
           'update (e.g. loss, grads = jax.value_and_grad(loss_fn)(params)). '
-          + transform.MISSING_EXTRA_ARGS_HINT
+          + forward_pass.MISSING_EXTRA_ARGS_HINT
       )
     if jnp.shape(value) != ():
       raise ValueError(

@@ -90,7 +90,7 @@ def kwng(
   :math:`\epsilon` times the diagonal of the samples' own metric,
   :math:`(J^\top J)_{jj} / N`, estimated from two random probes per step
   that ride in the same batched VJP as T and averaged over steps in the
-  state (:func:`kwng_jax.solve.metric_diagonal_damping`,
+  state (:func:`kwng_jax.probes.metric_diagonal_damping`,
   :class:`kwng_jax.probes.DiagonalAverage`). Rescaling a parameter
   then rescales both terms of the metric alike, so the direction is
   covariant under any diagonal reparametrization, on the null space of the

@@ -120,10 +120,10 @@ def build(
     with outputs_lib.explained_errors():
       samples = outputs_lib.as_samples(outputs_fn(params))
   if jacobian_outputs_fn is not None:
-    check_jacobian_rows(jacobian_outputs, samples, opts.jacobian_samples)
+    check_jacobian_rows(jacobian_outputs, samples, options_lib.fixed_rows(opts.jacobian_samples))
   jacobian_like = jax.ShapeDtypeStruct(jacobian_outputs.shape, jacobian_outputs.dtype)
   num_rows = (jacobian_outputs.shape[0] if jacobian_outputs_fn is not None
-              else opts.jacobian_samples or samples.shape[0])
+              else options_lib.fixed_rows(opts.jacobian_samples) or samples.shape[0])
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,

@@ -13,7 +13,6 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-import dataclasses
 import functools
 from typing import Any, TYPE_CHECKING
 import warnings
@@ -137,10 +136,8 @@ def from_vjp_of_options(
         'samples, vjp_fn = jax.vjp(outputs_fn, params).'
     )
   samples = outputs_lib.as_samples(samples)
-  if opts.jacobian_samples == 'auto':
-    # vjp_fn is that of the whole batch: nothing says it could be cheaper.
-    opts = dataclasses.replace(opts, jacobian_samples=None)
-  num_rows = opts.jacobian_samples or samples.shape[0]
+  # 'auto' is the whole batch here: vjp_fn is that of the whole batch.
+  num_rows = options_lib.fixed_rows(opts.jacobian_samples) or samples.shape[0]
   if num_rows > samples.shape[0]:
     raise ValueError(
         f'jacobian_samples={num_rows} must be between 1 and the batch size '
@@ -285,7 +282,7 @@ def from_vjp(
     if diagonal_average is not None:
       diagonal_average, metric_diagonal = probes.averaged_diagonal(
           diagonal_average, metric_diagonal)
-    damping_diag, unseen = solve.metric_diagonal_damping(metric_diagonal, squared_norms)
+    damping_diag, unseen = probes.metric_diagonal_damping(metric_diagonal, squared_norms)
   else:
     damping_diag, unseen = solve.damping_diagonal(squared_norms, opts.damping), None
   # The one pass that writes an M×P array.

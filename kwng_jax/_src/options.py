@@ -36,6 +36,12 @@ JacobianSamples = int | Literal['auto'] | None
 #: whole batch; each of its VJPs costs a quarter of the batch's.
 AUTO_JACOBIAN_SAMPLES = 32
 
+
+def fixed_rows(jacobian_samples: JacobianSamples) -> int | None:
+  """``jacobian_samples`` as a number of rows; None (and an ``'auto'`` with
+  nothing that could run on fewer rows) is the whole batch."""
+  return None if isinstance(jacobian_samples, str) else jacobian_samples
+
 #: How the M VJPs that give T run (see :func:`kwng_jax.factors.jacobian_factor`).
 JACOBIAN_BATCHINGS = ('auto', 'vmap', 'loop', 'map')
 

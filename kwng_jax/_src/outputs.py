@@ -127,10 +127,10 @@ def resolve_jacobian_rows(
   if isinstance(requested, str):
     requested = None
     if (jacobian_outputs_fn is None and rows_fn is not None
-        and batch_size > options_lib.AUTO_JACOBIAN_SAMPLES):
+        and isinstance(batch_size, int) and batch_size > options_lib.AUTO_JACOBIAN_SAMPLES):
       requested = options_lib.AUTO_JACOBIAN_SAMPLES
   if (requested is not None and jacobian_outputs_fn is None and rows_fn is not None
-      and requested < batch_size):
+      and isinstance(batch_size, int) and requested < batch_size):
     jacobian_outputs_fn = rows_fn(requested)
   return dataclasses.replace(opts, jacobian_samples=requested), jacobian_outputs_fn
 
