@@ -158,16 +158,19 @@ def speed_section(payloads: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> li
       "the median over rounds of each round's mean, the cost per step of `update_every=10`, "
       "which rebuilds at 2 of a round's 20 steps. `published M=m` is "
       '`kwng_jax.published_kwng` (adaptive ε, clip 1) with M basis functions, `KWNG M=m` the '
-      'recommended `kwng_jax.kwng` (safe damping, the step capped by the displacement of the '
-      'samples: one more `jax.jvp`; momentum: a few passes over P), and the bracketed rows the same with one more option. '
+      'recommended `kwng_jax.kwng` with its defaults (the metric-diagonal damping, T from the '
+      'first 32 of the 128 samples, the step capped by the displacement of the samples on the '
+      'whole batch: one more `jax.jvp`; momentum: a few passes over P), and the bracketed rows '
+      'the same with one more option (`jacobian_samples=None`: T from the whole batch). '
       '`floor M=m` is the work no KWNG step can avoid, run as a step of its own: the SGD step '
       'plus M VJPs of the outputs one after the other (`+ JVP`: and the displacement\'s JVP). '
       'Memory: the optimizer state, and the scratch memory XLA allocates for the whole step '
-      "(`memory_analysis().temp_size_in_bytes`); KWNG's extra scratch over SGD's holds T "
-      'and T̃ (M×P each). What `update_every` and `jacobian_samples` cost in accuracy is in '
+      "(`memory_analysis().temp_size_in_bytes`); KWNG's extra scratch over SGD's holds the "
+      'rows of T̃ and F = T̃ D^{1/2} (M×P each). What `update_every` and `jacobian_samples` '
+      'cost in accuracy is in '
       '[Amortizing the cost](#amortizing-the-cost).',
       '',
-      'Memory allocator: a KWNG step allocates and frees tens of MB of temporaries (T and T̃ '
+      'Memory allocator: a KWNG step allocates and frees tens of MB of temporaries (T̃ and F '
       'of a large model). glibc\'s `malloc` serves blocks that large with `mmap` and unmaps them '
       'when they are freed, unless its adaptive threshold has grown past their size, which '
       'depends on what the process allocated before. When it has not, every step faults its '

@@ -44,7 +44,7 @@ the median over rounds of each round's mean step time (the cost per step of
 ``update_every=k``, whose rebuild steps the median would hide), and their
 ratios to SGD's.
 
-Memory allocator: KWNG's step allocates tens of MB of temporaries (T, T̃)
+Memory allocator: KWNG's step allocates tens of MB of temporaries (the rows of T̃, F)
 per step. glibc's ``malloc`` serves such blocks with ``mmap`` and returns
 them to the system when they are freed, unless its adaptive threshold has
 risen above their size; each step then faults its temporaries in afresh
@@ -329,7 +329,7 @@ def memory(compiled: Any, opt_state: PyTree) -> dict[str, Any]:
   ``state_bytes`` lives between steps (with ``update_every``: T̃ and D).
   ``temp_bytes`` is XLA's scratch memory for one whole step (None where the
   backend does not report it); less SGD's, the working memory KWNG adds
-  (T and T̃, M×P each, and the batched backward pass).
+  (the rows of T̃ and F = T̃ D^{1/2}, M×P each, and the backward passes).
   """
   temp = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
   return {
