@@ -128,9 +128,9 @@ def stacked_kwng_direction(
   grads = jax.tree.map(lambda r: r[0], rows)
   jacobian = jax.tree.map(lambda r: r[1:], rows)
   whitened, _ = solve.whitened_jacobian(jacobian, gram)
-  damping = solve.damping_diagonal(solve.column_squared_norms(whitened), 'reference')
-  factor = solve.scaled_factor([jax.tree.map(lambda t, m=m: t[m], whitened)
-                                for m in range(num_basis)], damping)
+  rows = [jax.tree.map(lambda t, m=m: t[m], whitened) for m in range(num_basis)]
+  damping = solve.damping_diagonal(solve.column_squared_norms(rows), 'reference')
+  factor = solve.scaled_factor(rows, damping)
   direction = solve.damped_natural_gradient(
       grads, factor, damping, solve.damped_gram(factor), epsilon
   )

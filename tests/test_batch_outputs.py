@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import kwng_jax
@@ -150,7 +149,23 @@ def test_value_grad_and_update_runs_t_on_the_first_rows():
   close(grads, jax.grad(lambda p: loss_of(batch_fn(p), p))(params), rtol=1e-5)
 
 
-def test_auto_is_refused_where_a_number_is_needed():
-  with pytest.raises(ValueError, match="'auto'"):
+def test_an_unknown_jacobian_samples_names_the_valid_values():
+  with pytest.raises(ValueError, match="jacobian_samples='half'.*'auto'"):
     kwng_jax.kwng(jacobian_samples='half')
-  optax.tree_utils.tree_get(kwng_jax.kwng().init({'w': jnp.ones(2)}), 'kwng_count')
+
+
+def test_value_grad_and_update_with_aux_runs_t_on_the_first_rows():
+  """outputs_fn returning (samples, aux) (has_aux=True) as a batch_outputs_fn:
+  the aux comes back, and T still comes from the first 32 rows."""
+  params, inputs, _ = problem()
+  targets = jax.random.normal(jax.random.key(5), (96, 4))
+  with_aux = kwng_jax.batch_outputs_fn(lambda p, x: (mlp_apply(p, x), x.shape[0]), inputs)
+  opt = kwng_jax.kwng()
+  loss_of = lambda samples, p: jnp.mean(jnp.square(samples - targets))  # noqa: E731
+  (_, aux), _, updates, _ = jax.jit(lambda p, s: kwng_jax.value_grad_and_update(
+      loss_of, with_aux, opt, p, s, has_aux=True))(params, opt.init(params))
+  assert int(aux) == 96
+  batch_fn = kwng_jax.batch_outputs_fn(mlp_apply, inputs)
+  expected = update(opt, params, lambda p: loss_of(batch_fn(p), p),
+                    lambda p: {'outputs_fn': batch_fn})
+  close(updates, expected, rtol=1e-4)

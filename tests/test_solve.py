@@ -162,7 +162,8 @@ def test_damped_natural_gradient_is_the_damped_metric_inverse():
 def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():
   whitened = {'seen': jnp.array([[3.0, 4.0], [0.0, 0.0]]), 'unseen': jnp.zeros((2, 1))}
   metric = {'seen': jnp.array([2.0, 6.0]), 'unseen': jnp.zeros(1)}
-  squared_norms = solve.column_squared_norms(whitened)
+  squared_norms = solve.column_squared_norms([jax.tree.map(lambda t, m=m: t[m], whitened)
+                                              for m in range(2)])
   damping, curvature = probes.metric_diagonal_damping(metric, squared_norms)
   np.testing.assert_allclose(damping['seen'], [0.5, 1 / 6.0])
   np.testing.assert_allclose(curvature['seen'], [0.0, 0.0])

@@ -284,3 +284,15 @@ def test_speed_step_with_a_sub_batch_runs_its_vjps_on_it(bench):
       graphdef, kwng_jax.kwng(num_basis=4, jacobian_samples=8), fused=True, jacobian_rows=16))
   with pytest.raises(ValueError, match='jacobian_outputs_fn must return the first'):
     mismatched(state, images, labels)
+
+
+@pytest.mark.usefixtures('standard_promotion', 'fast_compile')
+def test_fused_forward_quick_agrees_with_two_passes(bench, tmp_path):
+  """The stacked variant (the loss cotangent in T's backward pass, built from
+  kwng_jax.solve's pieces) gives the update of two separate passes."""
+  fused_forward = bench('fused_forward')
+  fused_forward.main(['--quick', '--models', 'mlp', '--out', str(tmp_path)])
+  variants = json.loads((tmp_path / 'fused_forward.json').read_text())['models']['mlp']['variants']
+  assert set(variants) == {'sgd', 'two_pass', 'fused', 'stacked'}
+  assert variants['fused']['relative_difference_to_two_pass'] < 1e-5
+  assert variants['stacked']['relative_difference_to_two_pass'] < 1e-3

@@ -132,7 +132,7 @@ def build(
 
 
 def check_jacobian_rows(rows: jax.Array, samples: jax.Array, num_rows: int | None) -> None:
-  """Raises unless ``rows`` (of ``jacobian_outputs_fn``) are n rows shaped like ``samples``'."""
+  """Raises unless ``rows`` (of ``jacobian_outputs_fn``) are n rows shaped like ``samples``."""
   if (rows.shape[1:] != samples.shape[1:] or rows.shape[0] > samples.shape[0]
       or (num_rows is not None and rows.shape[0] != num_rows)):
     raise ValueError(

@@ -13,7 +13,6 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-import functools
 from typing import Any, TYPE_CHECKING
 import warnings
 
@@ -272,9 +271,7 @@ def from_vjp(
       leaf.dtype for leaf in jax.tree.leaves(pulled[0])))
   whitened_rows = [jax.tree.map(lambda t: t.astype(factor_dtype), row) for row in pulled[0]]
   loss_pullback = pulled[-1][0] if loss_cotangent is not None else None
-  # From the rows, before any stacking: XLA fuses the squares and the sum.
-  squared_norms = jax.tree.map(
-      lambda *rows: functools.reduce(jnp.add, [jnp.square(r) for r in rows]), *whitened_rows)
+  squared_norms = solve.column_squared_norms(whitened_rows)
   if opts.damping == 'safe':
     damping_diag, unseen = solve.safe_damping(squared_norms)
   elif num_probes:

@@ -124,9 +124,11 @@ def value_grad_and_update(
     samples, vjp_fn = jax.vjp(outputs_fn, params)
   loss, (loss_cotangent, direct) = jax.value_and_grad(loss_fn, argnums=(0, 1))(samples, params)
   stacking = stacking_of(tx)
-  extra = dict(extra_args, outputs_fn=outputs_fn)
+  # The update's outputs_fn returns the samples alone.
+  samples_fn = _samples_of(outputs_fn) if has_aux else outputs_fn
+  extra = dict(extra_args, outputs_fn=samples_fn)
   if stacking is not None and stacking.options.jacobian_samples == 'auto':
-    resolved, _ = outputs_lib.resolve_jacobian_rows(stacking.options, outputs_fn, None)
+    resolved, _ = outputs_lib.resolve_jacobian_rows(stacking.options, samples_fn, None)
     if resolved.jacobian_samples is not None:
       # T from the first rows alone costs less than its rows of the whole batch.
       stacking = None
@@ -143,3 +145,17 @@ def value_grad_and_update(
   updates, opt_state = optax.with_extra_args_support(tx).update(
       grads, opt_state, params, samples_and_vjp=(samples, vjp_fn), value=loss, **extra)
   return ((loss, aux) if has_aux else loss), grads, updates, opt_state
+
+
+def _samples_of(outputs_fn: Callable[[PyTree], Any]) -> Callable[[PyTree], Any]:
+  """``params -> samples`` of an ``outputs_fn`` that returns ``(samples, aux)``.
+
+  A :class:`kwng_jax.BatchOutputsFn` stays one, so that T can still come
+  from the first rows of the batch.
+  """
+  if isinstance(outputs_fn, outputs_lib.BatchOutputsFn):
+    apply_fn = outputs_fn.apply_fn
+    return outputs_lib.BatchOutputsFn(
+        lambda params, *inputs, **kwargs: apply_fn(params, *inputs, **kwargs)[0],
+        outputs_fn.inputs, outputs_fn.kwargs)
+  return lambda params: outputs_fn(params)[0]
