@@ -130,9 +130,8 @@ def stacked_kwng_direction(
   whitened, _ = solve.whitened_jacobian(jacobian, gram)
   rows = [jax.tree.map(lambda t, m=m: t[m], whitened) for m in range(num_basis)]
   damping = solve.damping_diagonal(solve.column_squared_norms(rows), 'reference')
-  factor = solve.scaled_factor(rows, damping)
   direction = solve.damped_natural_gradient(
-      grads, factor, damping, solve.damped_gram(factor), epsilon
+      grads, rows, damping, solve.damped_gram(rows, damping), epsilon
   )
   alignment = optax.tree_utils.tree_vdot(grads, direction)
   finite = jnp.all(jnp.stack(

@@ -166,7 +166,7 @@ def speed_section(payloads: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> li
       'plus M VJPs of the outputs one after the other (`+ JVP`: and the displacement\'s JVP). '
       'Memory: the optimizer state, and the scratch memory XLA allocates for the whole step '
       "(`memory_analysis().temp_size_in_bytes`); KWNG's extra scratch over SGD's holds the "
-      'rows of T̃ and F = T̃ D^{1/2} (M×P each). What `update_every` and `jacobian_samples` '
+      'M rows of T̃ (M×P). What `update_every` and `jacobian_samples` '
       'cost in accuracy is in '
       '[Amortizing the cost](#amortizing-the-cost).',
       '',

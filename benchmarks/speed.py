@@ -329,7 +329,7 @@ def memory(compiled: Any, opt_state: PyTree) -> dict[str, Any]:
   ``state_bytes`` lives between steps (with ``update_every``: T̃ and D).
   ``temp_bytes`` is XLA's scratch memory for one whole step (None where the
   backend does not report it); less SGD's, the working memory KWNG adds
-  (the rows of T̃ and F = T̃ D^{1/2}, M×P each, and the backward passes).
+  (the M rows of T̃, M×P, and the backward passes).
   """
   temp = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
   return {

@@ -74,12 +74,30 @@ def select_basis(
     ((5,), (5,))
   """
   check_num_basis(num_basis, num_samples)
-  # One draw of N + M random words: the indices of the M largest of the
-  # first N (M distinct indices, uniformly at random), and the last M modulo
-  # d (a bias below d / 2^32). jax.random.choice(replace=False) and a second
-  # draw for the coordinates give the same distribution, but each draw
-  # expands to hundreds of HLO operations: four times the compile time.
   words = jax.random.bits(key, (num_samples + num_basis,), jnp.uint32)
+  return basis_from_bits(words, num_samples, dim)
+
+
+def basis_from_bits(words: jax.Array, num_samples: int, dim: int) -> tuple[jax.Array, jax.Array]:
+  """:func:`select_basis` from N + M random 32-bit words drawn already.
+
+  The indices of the M largest of the first N words (M distinct indices,
+  uniformly at random), and the last M words modulo d (a bias below
+  d / 2^32). ``jax.random.choice(replace=False)`` and a second draw for the
+  coordinates give the same distribution, but each draw expands to hundreds
+  of HLO operations: four times the compile time. An optimizer draws these
+  words and its probes' in one call (:mod:`kwng_jax.probes`).
+
+  Args:
+    words: uint32, shape ``(N + M,)``.
+    num_samples: N.
+    dim: d.
+
+  Returns:
+    ``(indices, coords)`` as :func:`select_basis` returns them.
+  """
+  num_basis = words.shape[0] - num_samples
+  check_num_basis(num_basis, num_samples)
   _, indices = jax.lax.top_k(words[:num_samples], num_basis)
   coords = words[num_samples:] % jnp.uint32(dim)
   return indices.astype(jnp.int32), coords.astype(jnp.int32)

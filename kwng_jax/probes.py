@@ -137,10 +137,28 @@ def probe_cotangents(
   Returns:
     Shape ``(K, *samples_shape)``.
   """
+  words = jax.random.bits(key, (probe_words(num_probes, num_rows, samples_shape),), jnp.uint32)
+  return probe_cotangents_from_bits(words, num_probes, num_rows, samples_shape, samples_dtype)
+
+
+def probe_words(num_probes: int, num_rows: int, samples_shape: tuple[int, ...]) -> int:
+  """How many random 32-bit words :func:`probe_cotangents` draws: one per 32 signs."""
+  return -(-math.prod((num_probes, num_rows) + tuple(samples_shape[1:])) // 32)
+
+
+def probe_cotangents_from_bits(
+    words: jax.Array, num_probes: int, num_rows: int, samples_shape: tuple[int, ...],
+    samples_dtype: jnp.dtype,
+) -> jax.Array:
+  """:func:`probe_cotangents` from :func:`probe_words` random words drawn already.
+
+  An optimizer draws them in the same call as its basis'
+  (:func:`kwng_jax.factors.basis_from_bits`): on CPU each random draw is a
+  loop of its own, about 40 microseconds per step on the digits MLP.
+  """
   num_samples = samples_shape[0]
   rows_shape = (num_probes, num_rows) + tuple(samples_shape[1:])
   count = math.prod(rows_shape)
-  words = jax.random.bits(key, (-(-count // 32),), jnp.uint32)
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & jnp.uint32(1)
   signs = 1.0 - 2.0 * bits.reshape(-1)[:count].astype(jnp.float32)
   probes = signs.reshape(rows_shape) / jnp.sqrt(float(num_rows))

@@ -19,10 +19,9 @@ invertible this equals the ridge form
 :math:`\frac1\epsilon D(g - T^\top(T D T^\top + \epsilon G)^{-1} T D g)`.
 
 Everything that does not depend on :math:`\epsilon` or :math:`g` (the
-whitened factor, D, :math:`F = \tilde T D^{1/2}` and
-:math:`F F^\top = \tilde T D \tilde T^\top`) is computed once by
-:func:`whitened_jacobian`, :func:`damping_diagonal`, :func:`scaled_factor`
-and :func:`damped_gram`, so it can be reused across steps.
+whitened factor, D and :math:`\tilde T D \tilde T^\top`) is computed
+once by :func:`whitened_jacobian`, :func:`damping_diagonal` and
+:func:`damped_gram`, so it can be reused across steps.
 """
 
 from __future__ import annotations
@@ -251,66 +250,68 @@ def mean_over_seen(values: PyTree, seen: PyTree) -> jax.Array:
   return jnp.where(count > 0, mean, 1.0).astype(total.dtype)
 
 
-def scaled_factor(whitened_rows: Sequence[PyTree], damping: PyTree) -> PyTree:
-  r""":math:`F = \tilde T D^{1/2}`, stacked: the factor the M×M solve works with.
-
-  With it, :math:`\tilde T D \tilde T^\top = F F^\top`,
-  :math:`\tilde T D g = F D^{1/2} g` and
-  :math:`D\tilde T^\top c = D^{1/2} F^\top c`: every pass over an M×P
-  array reads F alone, and D never multiplies one.
-
-  Args:
-    whitened_rows: the M rows of :math:`\tilde T`, each shaped like the
-      params (a factor stacked along a leading axis:
-      ``[jax.tree.map(lambda t: t[m], whitened) for m in range(M)]``).
-    damping: D, shaped like the params.
-
-  Returns:
-    F, leaves with a leading axis of size M, in the dtype of ``damping``.
-  """
-
-  def stacked(d, *rows):
-    root = jnp.sqrt(d)
-    return jnp.stack([r.astype(d.dtype) * root for r in rows])
-
-  return jax.tree.map(stacked, damping, *whitened_rows)
-
-
-#: Columns per block of :func:`damped_gram` on CPU. XLA:CPU multiplies an
-#: M×P factor by its transpose 2x (M = 5) to 3x (M = 20) slower in one
-#: product than in blocks of 8192 columns that stay in cache (measured on 2
-#: cores, 670k columns: 2.8 against 1.8 ms, 30 against 16 ms).
+#: Columns per block of :func:`damped_gram` on CPU, where XLA:CPU runs the
+#: M×M product far faster on blocks that stay in cache than on whole rows
+#: (measured on 2 cores, 670k columns stacked: M = 5, 2.8 against 1.8 ms;
+#: M = 20, 30 against 16 ms).
 GRAM_BLOCK_COLUMNS = 8192
 
 
-def damped_gram(factor: PyTree) -> jax.Array:
-  r""":math:`\tilde T D \tilde T^\top = F F^\top`, the M×M matrix of the Woodbury solve.
+def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
+  r""":math:`\tilde T D \tilde T^\top = F F^\top`, :math:`F = \tilde T D^{1/2}`: the M×M matrix of the Woodbury solve.
 
-  Each leaf's product runs on its rows flattened; on CPU, a leaf of more
-  than two blocks of :data:`GRAM_BLOCK_COLUMNS` columns is summed block by
-  block in a ``jax.lax.fori_loop`` (accelerators take the whole product).
+  F is never written out. Each leaf's product is summed over blocks of its
+  columns: a block of :math:`\tilde T`'s M rows is sliced, scaled by
+  :math:`D^{1/2}` and multiplied by its transpose while it is in cache. On
+  CPU a block holds :data:`GRAM_BLOCK_COLUMNS` columns and a
+  ``jax.lax.fori_loop`` runs over them; a leaf of fewer than two blocks,
+  and on accelerators every leaf, is one block. Stacking the M rows of a
+  wide leaf into one M×P array first costs far more than the product (a
+  784×512 leaf, M = 20, on 2 cores: the stack, the product and the solve
+  take 40 ms, the blocks and the solve 13 ms).
 
   Args:
-    factor: F = :math:`\tilde T D^{1/2}` (:func:`scaled_factor`).
+    whitened_rows: the M rows of :math:`\tilde T`, each shaped like the
+      params (see :class:`kwng_jax.Preconditioner`).
+    damping: D, shaped like the params, in the rows' dtype.
+
+  Returns:
+    The M×M matrix, in the dtype of M×M solves (:func:`small_matrix_dtype`).
   """
   dtype = small_matrix_dtype()
-  blocked = jax.default_backend() == 'cpu'
 
-  def gram(f):
-    rows = f.reshape(f.shape[0], -1)
-    num_blocks = rows.shape[1] // GRAM_BLOCK_COLUMNS
-    if not blocked or num_blocks < 2:
-      return (rows @ rows.T).astype(dtype)
+  def gram(d, *rows):
+    rows = [r.reshape(-1) for r in rows]
+    d = d.reshape(-1)
 
-    def add_block(i, total):
-      block = jax.lax.dynamic_slice_in_dim(rows, i * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS, 1)
-      return total + (block @ block.T).astype(dtype)
+    def block_gram(start, size):
+      # The square root inside the block: taken outside the loop, it would
+      # be one more pass that writes a params-sized array.
+      root = jnp.sqrt(jax.lax.dynamic_slice_in_dim(d, start, size))
+      block = jnp.stack([jax.lax.dynamic_slice_in_dim(r, start, size) for r in rows]) * root[None]
+      return (block @ block.T).astype(dtype)
 
-    rest = rows[:, num_blocks * GRAM_BLOCK_COLUMNS:]
-    initial = (rest @ rest.T).astype(dtype)
-    return jax.lax.fori_loop(0, num_blocks, add_block, initial)
+    size = d.shape[0]
+    if _one_block(size):
+      return block_gram(0, size)
+    num_blocks = size // GRAM_BLOCK_COLUMNS
+    rest = block_gram(num_blocks * GRAM_BLOCK_COLUMNS, size - num_blocks * GRAM_BLOCK_COLUMNS)
+    return jax.lax.fori_loop(
+        0, num_blocks,
+        lambda i, total: total + block_gram(i * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS), rest)
 
-  return functools.reduce(jnp.add, [gram(f) for f in jax.tree.leaves(factor)])
+  return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(gram, damping, *whitened_rows)))
+
+
+def _one_block(size: int) -> bool:
+  """Whether the Gram and the solve take a leaf of ``size`` entries whole.
+
+  On accelerators always; on CPU below two blocks of
+  :data:`GRAM_BLOCK_COLUMNS`, where stacking the M rows costs less than
+  the operations that avoid it (digits MLP, 9.6k parameters: 0.96 against
+  1.04 ms per step; a 400k-entry leaf takes 10 ms more per step stacked).
+  """
+  return jax.default_backend() != 'cpu' or size < 2 * GRAM_BLOCK_COLUMNS
 
 
 def solve_psd(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
@@ -335,7 +336,7 @@ def solve_psd(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
 
 def damped_natural_gradient(
     grads: PyTree,
-    factor: PyTree,
+    whitened_rows: Sequence[PyTree],
     damping: PyTree,
     gram: jax.Array,
     epsilon: jax.Array,
@@ -344,50 +345,55 @@ def damped_natural_gradient(
   r"""The Woodbury solve :math:`(\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g`.
 
   .. math::
-     \hat g = \frac{1}{\epsilon} D \left(g - \tilde T^\top
-       (\tilde T D \tilde T^\top + \epsilon I_M)^{-1} \tilde T D g\right)
-       = \frac{1}{\epsilon} D^{1/2} \left(h - F^\top
-       (F F^\top + \epsilon I_M)^{-1} F h\right),
-     \quad h = D^{1/2} g.
+     \hat g = \frac{1}{\epsilon} D \left(g - \tilde T^\top c\right),
+     \qquad (\tilde T D \tilde T^\top + \epsilon I_M)\, c = \tilde T D g:
+
+  two passes over the M rows of :math:`\tilde T` (the M inner products
+  :math:`\tilde T D g`, then :math:`g - \tilde T^\top c`) and an M×M
+  solve.
 
   Args:
     grads: g, a pytree.
-    factor: F = :math:`\tilde T D^{1/2}` (:func:`scaled_factor`), leaves
-      shaped like ``grads`` with a leading axis of size M.
-    damping: D, shaped like ``grads``.
-    gram: :math:`F F^\top` from :func:`damped_gram`.
+    whitened_rows: the M rows of :math:`\tilde T`, each shaped like
+      ``grads``.
+    damping: D, shaped like ``grads``, in the rows' dtype.
+    gram: :math:`\tilde T D \tilde T^\top` from :func:`damped_gram`.
     epsilon: :math:`\epsilon > 0`.
     unseen: the curvature :math:`v` of :func:`safe_damping`, or None.
       Where it is positive the column of :math:`\tilde T` is zero, so the
       metric's diagonal there is :math:`v_j + \epsilon / D_j` and nothing
-      else changes.
+      else changes: the step there is :math:`D_j g_j / (\epsilon + v_j D_j)`.
 
   Returns:
     :math:`\hat g`, shaped like ``grads``, each leaf in its own dtype.
   """
   dtype = small_matrix_dtype()
-  leaf_dtype = factor_dtype(factor)
   epsilon = jnp.asarray(epsilon).astype(dtype)
+  if unseen is not None:
+    # That step is the one of the damping D / (1 + v D / eps) with no v (D
+    # itself where v = 0), since the columns of T̃ are zero where v is not.
+    # Folded into D before the passes: XLA:CPU schedules the step with v in
+    # its last pass far worse (670k-parameter MLP on 2 cores: 22 against 14 ms).
+    damping = jax.tree.map(
+        lambda d, v: d / (1.0 + v * d / epsilon.astype(d.dtype)), damping, unseen)
   num_basis = gram.shape[0]
-  scaled_grads = jax.tree.map(
-      lambda g, d: g.astype(leaf_dtype) * jnp.sqrt(d), grads, damping
-  )
-  projections = jax.tree.map(
-      lambda f, h: (f.reshape(num_basis, -1) @ h.reshape(-1)).astype(dtype),
-      factor,
-      scaled_grads,
-  )
-  rhs = functools.reduce(jnp.add, jax.tree.leaves(projections))
+  damped_grads = jax.tree.map(lambda g, d: g.astype(d.dtype) * d, grads, damping)
+
+  def leaf_rhs(h, *rows):
+    rows = [r.reshape(-1) for r in rows]
+    if _one_block(h.size):
+      return (jnp.stack(rows) @ h.reshape(-1)).astype(dtype)
+    # Wide leaves: M inner products, as in damped_gram no M×P stack.
+    return jnp.stack([jnp.vdot(r, h).astype(dtype) for r in rows])
+
+  rhs = functools.reduce(
+      jnp.add, jax.tree.leaves(jax.tree.map(leaf_rhs, damped_grads, *whitened_rows)))
   system = gram.astype(dtype) + epsilon * jnp.eye(num_basis, dtype=dtype)
-  coefficients = solve_psd(system, rhs).astype(leaf_dtype)
+  coefficients = solve_psd(system, rhs)
 
-  def direction(g, f, h, d, v=None):
-    residual = h - (coefficients @ f.reshape(num_basis, -1)).reshape(h.shape)
-    # D^{1/2} / (eps + v D): D^{1/2} / eps where v = 0; on unseen columns
-    # (F zero there) the step is g / (v + eps / D).
-    scale = jnp.sqrt(d) / (epsilon.astype(leaf_dtype) + (0.0 if v is None else v * d))
-    return (scale * residual).astype(g.dtype)
+  def direction(g, d, *rows):
+    coefficient = coefficients.astype(d.dtype)
+    pulled = functools.reduce(jnp.add, [coefficient[m] * t for m, t in enumerate(rows)])
+    return (d / epsilon.astype(d.dtype) * (g.astype(d.dtype) - pulled)).astype(g.dtype)
 
-  if unseen is None:
-    return jax.tree.map(direction, grads, factor, scaled_grads, damping)
-  return jax.tree.map(direction, grads, factor, scaled_grads, damping, unseen)
+  return jax.tree.map(direction, grads, damping, *whitened_rows)

@@ -102,7 +102,7 @@ def test_first_step_always_builds(mlp_problem):
   opt = kwng_jax.scale_by_kwng(num_basis=5, update_every=4)
   state = opt.init(params)
   assert not bool(state.kwng_preconditioner.finite_samples)
-  assert all(float(jnp.abs(w).max()) == 0.0 for w in jax.tree.leaves(state.kwng_preconditioner.factor))
+  assert all(float(jnp.abs(w).max()) == 0.0 for w in jax.tree.leaves(state.kwng_preconditioner.whitened_rows))
   # Even a state whose count is not a multiple of k (a restored one, say)
   # builds at its first update: the placeholder is marked as not built.
   state = state._replace(kwng_count=jnp.asarray(2, jnp.int32))
@@ -296,7 +296,7 @@ def test_bfloat16_vjps_differentiate_in_bfloat16_and_solve_in_float32():
   pre = kwng_jax.build_preconditioner(recording_fn, params, key=jax.random.key(0),
                                       jacobian_dtype=jnp.bfloat16)
   assert jnp.bfloat16 in seen and jnp.float32 in seen  # VJP in bf16, samples in f32
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(pre.factor))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(pre.whitened_rows))
   assert pre.gram.dtype == jnp.float32
   direction, _ = kwng_jax.apply_preconditioner(pre, grads, 1e-5)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(direction))

@@ -114,4 +114,4 @@ def test_estimator_functions_check_their_keyword_options(function):
   if function == 'natural_gradient':
     assert result[0]['w'].shape == (2, 3)
   else:
-    assert result.factor['w'].shape[0] == 3
+    assert len(result.whitened_rows) == 3

@@ -149,8 +149,8 @@ def test_sharded_update_equals_single_device_update_in_float64():
 
 
 def test_jacobian_factor_keeps_the_parameter_sharding():
-  """T (and the factor F = T̃ D^{1/2}) are params-shaped with a leading M axis,
-  sharded like the params: nothing of size M×P is gathered on one device."""
+  """T is params-shaped with a leading M axis and the rows of T̃ params-shaped,
+  all sharded like the params: nothing of size M×P is gathered on one device."""
   params, inputs, _ = make_problem()
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
   with jax.set_mesh(mesh):
@@ -165,13 +165,13 @@ def test_jacobian_factor_keeps_the_parameter_sharding():
       cross = factors.cross_derivatives(kernels.gaussian, basis, coords, samples, 1.0)
       jacobian = factors.jacobian_factor(vjp_fn, cross, samples.shape, samples.dtype)
       pre = kwng_jax.build_preconditioner(outputs_fn, params, key=jax.random.key(0))
-      return jacobian, pre.factor, pre.damping
+      return jacobian, pre.whitened_rows, pre.damping
 
     jacobian, whitened, damping = jacobian_and_whitened(params, inputs)
   for name, spec in LAYOUTS['fsdp'].items():
     assert jacobian[name].shape == (5,) + params[name].shape
     assert jacobian[name].sharding.spec == P(None, *spec), name
-    assert whitened[name].sharding.spec == P(None, *spec), name
+    assert all(row[name].sharding.spec == spec for row in whitened), name
     assert damping[name].sharding.spec == spec, name
 
 
@@ -189,7 +189,7 @@ def test_update_every_sharded_equals_single_device(axis_type):
   assert bool(stored.finite_samples)
   if axis_type == 'explicit':
     for name, spec in LAYOUTS['fsdp'].items():
-      assert stored.factor[name].sharding.spec == P(None, *spec), name
+      assert all(row[name].sharding.spec == spec for row in stored.whitened_rows), name
 
 
 def test_published_chain_runs_fsdp_on_an_explicit_mesh_with_donated_state():

@@ -69,10 +69,10 @@ def test_safe_damping_bounds_the_step_of_an_unseen_parameter():
   np.testing.assert_allclose(directions['reference']['log_scale'],
                              1e8 * grads['log_scale'] / 1e-5, rtol=1e-4)
   # 'safe': g / (c^2 + eps c), c the RMS norm of the seen columns.
-  # F = T̃ D^{1/2} with D the reference 1 / (|T̃_j| + 1e-8): |F_j|² = |T̃_j|² D_j.
-  norms = np.concatenate([np.sqrt(np.sum(np.asarray(f, np.float64).reshape(5, -1) ** 2, axis=0)
-                                  / np.asarray(preconditioner.damping[name], np.float64).reshape(-1))
-                          for name, f in preconditioner.factor.items() if name != 'log_scale'])
+  norms = np.concatenate([
+      np.sqrt(np.sum([np.asarray(row[name], np.float64).reshape(-1) ** 2
+                      for row in preconditioner.whitened_rows], axis=0))
+      for name in preconditioner.damping if name != 'log_scale'])
   typical = np.sqrt(np.mean(norms**2))
   np.testing.assert_allclose(directions['safe']['log_scale'],
                              grads['log_scale'] / (typical**2 + 1e-5 * typical), rtol=1e-4)
@@ -128,14 +128,13 @@ def test_unknown_damping_is_named():
 
 @pytest.mark.parametrize('columns', [300 * 7, 5 * solve.GRAM_BLOCK_COLUMNS + 3])
 def test_damped_gram_equals_float64_product(columns):
-  """F Fᵀ = T̃ D T̃ᵀ, with F = T̃ D^{1/2}; the wide leaf is summed block by block on CPU."""
+  """T̃ D T̃ᵀ from the rows; the wide leaf is summed block by block on CPU."""
   key_t, key_d = jax.random.split(jax.random.key(0))
   whitened = {'w': jax.random.normal(key_t, (5, columns // 7, 7)),
               'b': jax.random.normal(key_d, (5, 7))}
   damping = {'w': jax.random.uniform(key_d, (columns // 7, 7)), 'b': jax.random.uniform(key_t, (7,))}
   rows = [jax.tree.map(lambda t, m=m: t[m], whitened) for m in range(5)]
-  factor = solve.scaled_factor(rows, damping)
-  gram = jax.jit(solve.damped_gram)(factor)
+  gram = jax.jit(solve.damped_gram)(rows, damping)
   expected = sum((np.asarray(whitened[n], np.float64).reshape(5, -1)
                   * np.asarray(damping[n], np.float64).reshape(-1))
                  @ np.asarray(whitened[n], np.float64).reshape(5, -1).T for n in ('w', 'b'))
@@ -143,7 +142,7 @@ def test_damped_gram_equals_float64_product(columns):
 
 
 def test_damped_natural_gradient_is_the_damped_metric_inverse():
-  """The Woodbury solve through F = T̃ D^{1/2} equals (T̃ᵀT̃ + diag(v) + εD⁻¹)⁻¹ g
+  """The Woodbury solve on the rows of T̃ equals (T̃ᵀT̃ + diag(v) + εD⁻¹)⁻¹ g
   in float64, unseen columns (zero in T̃, v > 0) included."""
   keys = jax.random.split(jax.random.key(3), 4)
   whitened = jax.random.normal(keys[0], (3, 12)).at[:, -2:].set(0.0)
@@ -151,12 +150,32 @@ def test_damped_natural_gradient_is_the_damped_metric_inverse():
   unseen = jnp.zeros(12).at[-2:].set(jnp.array([0.5, 2.0]))
   grads = jax.random.normal(keys[2], (12,))
   epsilon = 0.3
-  factor = solve.scaled_factor([whitened[m] for m in range(3)], damping)
-  got = solve.damped_natural_gradient(grads, factor, damping, solve.damped_gram(factor),
+  rows = [whitened[m] for m in range(3)]
+  got = solve.damped_natural_gradient(grads, rows, damping, solve.damped_gram(rows, damping),
                                       jnp.asarray(epsilon), unseen)
   t, d, v, g = (np.asarray(x, np.float64) for x in (whitened, damping, unseen, grads))
   metric = t.T @ t + np.diag(v + epsilon / d)
   np.testing.assert_allclose(np.asarray(got), np.linalg.solve(metric, g), rtol=1e-4)
+
+
+def test_damped_natural_gradient_on_a_wide_leaf_equals_float64_woodbury():
+  """A leaf of more than two Gram blocks takes the path of M inner products
+  (no M×P stack on CPU); it gives the float64 Woodbury direction, unseen
+  columns included."""
+  columns = 2 * solve.GRAM_BLOCK_COLUMNS + 5
+  keys = jax.random.split(jax.random.key(4), 3)
+  whitened = jax.random.normal(keys[0], (3, columns)).at[:, :7].set(0.0)
+  damping = jax.random.uniform(keys[1], (columns,), minval=0.1, maxval=10.0)
+  unseen = jnp.zeros(columns).at[:7].set(0.5)
+  grads = jax.random.normal(keys[2], (columns,))
+  epsilon = 0.3
+  rows = [whitened[m] for m in range(3)]
+  got = jax.jit(solve.damped_natural_gradient)(
+      grads, rows, damping, solve.damped_gram(rows, damping), jnp.asarray(epsilon), unseen)
+  t, d, v, g = (np.asarray(x, np.float64) for x in (whitened, damping, unseen, grads))
+  d = d / (1.0 + v * d / epsilon)  # the metric's diagonal v + eps / D where T̃ is zero
+  c = np.linalg.solve((t * d) @ t.T + epsilon * np.eye(3), t @ (d * g))
+  np.testing.assert_allclose(np.asarray(got), d * (g - t.T @ c) / epsilon, rtol=1e-3, atol=1e-6)
 
 
 def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():

@@ -190,7 +190,7 @@ def test_speed_quick_writes_complete_json(bench, tmp_path):
       assert _finite(entry[key]) and entry[key] > 0
     assert entry['p10_step_ms'] <= entry['median_step_ms'] <= entry['p90_step_ms']
   assert entries['SGD']['ratio_to_sgd'] == 1.0
-  # The state of update_every holds F = T̃ D^{1/2} and D: (M + 1)·P float32 numbers at least.
+  # The state of update_every holds the M rows of T̃ and D: (M + 1)·P float32 numbers at least.
   assert entries['SGD']['state_bytes'] == 0
   assert entries['KWNG M=5 [update_every=10]']['state_bytes'] >= 6 * 4 * record['num_params']
   # kwng()'s state: its momentum and the running average of the metric

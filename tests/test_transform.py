@@ -162,7 +162,7 @@ def test_inject_hyperparams_with_update_every(mlp_problem):
   _, state, losses = run_steps(opt, params, outputs_fn, loss_fn, 3)
   assert all(np.isfinite(losses))
   stored = optax.tree_utils.tree_get(state, 'kwng_preconditioner')
-  assert stored.factor['w1'].shape == (4,) + params['w1'].shape
+  assert [row['w1'].shape for row in stored.whitened_rows] == [params['w1'].shape] * 4
   # Not static: inject_hyperparams turns it into an array, and the error says
   # what to do.
   with pytest.raises(ValueError, match=r"static_args=\('num_basis', 'update_every'\)"):

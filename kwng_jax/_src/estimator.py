@@ -68,8 +68,8 @@ def build_preconditioner(
     ...     outputs_fn, params, key=jax.random.key(1), num_basis=5)
     >>> grads = {'w': jnp.ones((3, 4))}
     >>> direction, info = kwng_jax.apply_preconditioner(pre, grads, 1e-5)
-    >>> pre.factor['w'].shape, direction['w'].shape
-    ((5, 3, 4), (3, 4))
+    >>> len(pre.whitened_rows), pre.whitened_rows[0]['w'].shape, direction['w'].shape
+    (5, (3, 4), (3, 4))
   """
   opts = options_lib.EstimatorOptions.from_kwargs('build_preconditioner', options)
   return build(
@@ -161,7 +161,7 @@ def apply_preconditioner(
   with jax.default_matmul_precision(from_vjp_lib.FULL_PRECISION):
     direction = solve_fn(
         grads,
-        preconditioner.factor,
+        preconditioner.whitened_rows,
         preconditioner.damping,
         preconditioner.gram,
         jnp.asarray(epsilon),

@@ -50,10 +50,11 @@ def basis_key(seed: int | jax.Array, count: jax.Array) -> jax.Array:
 
 
 def probe_key(key: jax.Array | None) -> jax.Array:
-  """The PRNG key of the probes of ``damping='metric_diagonal'``.
+  """The PRNG key of the probes of ``damping='metric_diagonal'`` with a pinned basis.
 
-  Derived from the basis key, so that two runs with the same seed use the
-  same probes; with a pinned basis and no key, a fixed one.
+  Derived from ``key``, so that two runs with the same seed use the same
+  probes; with no key, a fixed one. A drawn basis and the probes share one
+  draw instead.
   """
   if key is None:
     return jax.random.key(0)
@@ -214,15 +215,24 @@ def from_vjp(
     raise ValueError(
         'Pass both basis_indices and basis_coords to pin the basis, or neither.'
     )
+  num_probes = 0
+  if opts.damping == 'metric_diagonal':
+    num_probes = probes.NUM_PROBES if diagonal_average is None else probes.AVERAGED_PROBES
+  num_probe_words = probes.probe_words(num_probes, num_rows, jacobian_like.shape)
+  probe_bits = None
   if basis_indices is None:
     if key is None:
       raise ValueError(
           'KWNG draws a random basis: pass key=jax.random.key(...), or pin the '
           'basis with basis_indices and basis_coords.'
       )
-    basis_indices, basis_coords = factors.select_basis(
-        num_samples, dim, opts.num_basis, key=key
-    )
+    # The basis and the probes from one random draw: on CPU each draw is a
+    # loop of its own.
+    words = jax.random.bits(
+        key, (num_samples + opts.num_basis + num_probe_words,), jnp.uint32)
+    basis_indices, basis_coords = factors.basis_from_bits(
+        words[:num_samples + opts.num_basis], num_samples, dim)
+    probe_bits = words[num_samples + opts.num_basis:]
     valid_basis = jnp.ones((), jnp.bool_)
   else:
     basis_indices, basis_coords, valid_basis = factors.check_pinned_basis(
@@ -254,12 +264,12 @@ def from_vjp(
     # from them directly, with no pass over an M×P factor.
     whitened_cross = jnp.tensordot(mixing.astype(kernel_dtype), cross, axes=1)
   groups = [factors.kernel_cotangents(whitened_cross, jacobian_like.shape, jacobian_like.dtype)]
-  num_probes = 0
-  if opts.damping == 'metric_diagonal':
+  if num_probes:
     # The probes ride in the same backward pass as T, on the same rows.
-    num_probes = probes.NUM_PROBES if diagonal_average is None else probes.AVERAGED_PROBES
-    probe_rows = probes.probe_cotangents(
-        probe_key(key), num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
+    if probe_bits is None:
+      probe_bits = jax.random.bits(probe_key(key), (num_probe_words,), jnp.uint32)
+    probe_rows = probes.probe_cotangents_from_bits(
+        probe_bits, num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
     groups.append(sharding.like(probe_rows, groups[0]))
   if loss_cotangent is not None:
     groups.append(jnp.asarray(loss_cotangent).astype(groups[0].dtype)[None])
@@ -282,18 +292,16 @@ def from_vjp(
     damping_diag, unseen = probes.metric_diagonal_damping(metric_diagonal, squared_norms)
   else:
     damping_diag, unseen = solve.damping_diagonal(squared_norms, opts.damping), None
-  # The one pass that writes an M×P array.
-  factor = solve.scaled_factor(whitened_rows, damping_diag)
   with jax.default_matmul_precision(FULL_PRECISION):
     # The contraction over the parameters runs over FSDP-sharded axes.
     damped_gram = sharding.in_auto_mode(
         solve.damped_gram, out_sharding=PartitionSpec()
-    )(factor)
-  # D > 0, so F Fᵀ has a positive diagonal entry exactly when T̃ is
-  # nonzero: no extra pass over the M×P factor.
+    )(whitened_rows, damping_diag)
+  # D > 0, so T̃ D T̃ᵀ has a positive diagonal entry exactly when T̃ is
+  # nonzero: no extra pass over T̃.
   depends_on_params = jnp.any(jnp.diagonal(damped_gram) > 0)
   preconditioner = Preconditioner(
-      factor=factor,
+      whitened_rows=tuple(whitened_rows),
       damping=damping_diag,
       gram=damped_gram,
       bandwidth=sigma.astype(jnp.float32),
@@ -312,9 +320,8 @@ def _pullback_groups(
 ) -> list[list[PyTree]]:
   """The VJPs of each group of cotangents (each of shape ``(K, ...)``), row by row.
 
-  ``'loop'`` pulls every row back on its own and stacks nothing: a group
-  is stacked later only if it must be (T̃), fused with the cast that
-  follows. ``'vmap'`` and ``'map'`` pull all the groups back in one batched
+  ``'loop'`` pulls every row back on its own, and nothing downstream
+  stacks the rows again. ``'vmap'`` and ``'map'`` pull all the groups back in one batched
   call and slice it.
   """
   if batching == 'loop':

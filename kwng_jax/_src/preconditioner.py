@@ -64,11 +64,12 @@ class Preconditioner(NamedTuple):
   r"""What one step of KWNG builds before it sees g or :math:`\epsilon`.
 
   Attributes:
-    factor: :math:`F = \tilde T D^{1/2}`, the whitened factor scaled by
-      the square root of the damping (:func:`kwng_jax.solve.scaled_factor`),
-      a params-shaped pytree with a leading axis M.
+    whitened_rows: the M rows of the whitened factor :math:`\tilde T`, a
+      tuple of M params-shaped pytrees, in at least float32. Kept apart,
+      never stacked: the Gram and the solve read them block by block
+      (:func:`kwng_jax.solve.damped_gram`).
     damping: D, a params-shaped pytree.
-    gram: :math:`F F^\top = \tilde T D \tilde T^\top`, shape (M, M).
+    gram: :math:`\tilde T D \tilde T^\top`, shape (M, M).
     bandwidth: the kernel bandwidth used.
     effective_rank: the number of kept eigenvalues of the Gram matrix.
     finite_samples: whether the samples were all finite.
@@ -86,7 +87,7 @@ class Preconditioner(NamedTuple):
       optimizer's state keeps; None otherwise.
   """
 
-  factor: PyTree
+  whitened_rows: tuple[PyTree, ...]
   damping: PyTree
   gram: jax.Array
   bandwidth: jax.Array
@@ -115,32 +116,27 @@ class Preconditioner(NamedTuple):
         ``'metric_diagonal'`` store one more params-shaped pytree).
 
     Returns:
-      A :class:`Preconditioner` with F of shape
-      ``(M, *p.shape)`` per leaf ``p``, D shaped like ``params``, and an
-      M×M Gram.
+      A :class:`Preconditioner` with M rows of :math:`\tilde T` and D
+      shaped like ``params``, and an M×M Gram.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import kwng_jax
       >>> params = {'w': jax.ShapeDtypeStruct((3, 4), jnp.float32)}
       >>> empty = kwng_jax.Preconditioner.empty(params, num_basis=5)
-      >>> empty.factor['w'].shape, empty.gram.shape
-      ((5, 3, 4), (5, 5))
+      >>> len(empty.whitened_rows), empty.whitened_rows[0]['w'].shape, empty.gram.shape
+      (5, (3, 4), (5, 5))
     """
     if num_basis < 1:
       raise ValueError(f'num_basis={num_basis!r} must be at least 1.')
     dtype = solve.at_least_float32(*(p.dtype for p in jax.tree.leaves(params)))
 
-    def leading(p):
-      # zeros_like keeps the sharding of p (and accepts ShapeDtypeStruct).
-      zeros = jnp.zeros_like(p, dtype=dtype)
-      return jnp.broadcast_to(zeros[None], (num_basis,) + tuple(p.shape))
-
     matrix_dtype = solve.small_matrix_dtype()
     solve.check_damping(damping)
+    # zeros_like keeps the sharding of p (and accepts ShapeDtypeStruct).
     zeros = lambda p: jnp.zeros_like(p, dtype=dtype)  # noqa: E731
     return cls(
-        factor=jax.tree.map(leading, params),
+        whitened_rows=tuple(jax.tree.map(zeros, params) for _ in range(num_basis)),
         damping=jax.tree.map(zeros, params),
         gram=jnp.zeros((num_basis, num_basis), matrix_dtype),
         bandwidth=jnp.zeros((), jnp.float32),

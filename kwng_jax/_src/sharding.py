@@ -66,22 +66,6 @@ def spec_of(x: jax.Array) -> PartitionSpec:
   return jax.typeof(x).sharding.spec
 
 
-def with_leading_axis(tree: PyTree, like: PyTree) -> PyTree:
-  """Reshards leaves ``(M, *p.shape)`` to ``p``'s sharding, M unsharded.
-
-  Under an explicit mesh, T and :math:`\\tilde T` keep the sharding of the
-  parameters they are shaped like; this pins it, so that factors built at
-  different steps (``update_every``) have one type. A no-op otherwise.
-  """
-  if not explicit_axes():
-    return tree
-  return jax.tree.map(
-      lambda t, p: jax.sharding.reshard(t, PartitionSpec(None, *spec_of(p))),
-      tree,
-      like,
-  )
-
-
 def like(tree: PyTree, reference: PyTree) -> PyTree:
   """Reshards ``tree`` to the shardings of ``reference`` (same structure)."""
   if not explicit_axes():

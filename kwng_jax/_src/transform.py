@@ -50,8 +50,8 @@ class ScaleByKWNGState(NamedTuple):
       there.
     kwng_info: the :class:`kwng_jax.KWNGInfo` diagnostics of the last update.
     kwng_preconditioner: with ``update_every > 1``, the
-      :class:`kwng_jax.Preconditioner` (:math:`F = \\tilde T D^{1/2}`, D,
-      :math:`F F^\\top`) reused between rebuilds; its
+      :class:`kwng_jax.Preconditioner` (the M rows of :math:`\\tilde T`, D,
+      :math:`\\tilde T D \\tilde T^\\top`) reused between rebuilds; its
       ``finite_samples`` is False until the first build. None (no leaves)
       with ``update_every=1``, so the default state stays a few scalars.
     kwng_metric_diagonal: with ``damping='metric_diagonal'``, the running
@@ -318,7 +318,7 @@ def _pin_shardings(
 ) -> Preconditioner:
   """Gives stored and fresh factors the sharding of the params (explicit mesh)."""
   return preconditioner._replace(
-      factor=sharding.with_leading_axis(preconditioner.factor, params),
+      whitened_rows=tuple(sharding.like(row, params) for row in preconditioner.whitened_rows),
       damping=sharding.like(preconditioner.damping, params),
       unseen=None if preconditioner.unseen is None
       else sharding.like(preconditioner.unseen, params),
