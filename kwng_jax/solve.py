@@ -19,9 +19,9 @@ invertible this equals the ridge form
 :math:`\frac1\epsilon D(g - T^\top(T D T^\top + \epsilon G)^{-1} T D g)`.
 
 Everything that does not depend on :math:`\epsilon` or :math:`g` (the
-whitened factor, D and :math:`\tilde T D \tilde T^\top`) is computed
-once by :func:`whitened_jacobian`, :func:`damping_diagonal` and
-:func:`damped_gram`, so it can be reused across steps.
+rows of the whitened factor, D and :math:`\tilde T D \tilde T^\top`)
+is computed once (:func:`whitening`, :func:`damping_diagonal`,
+:func:`damped_gram`), so it can be reused across steps.
 """
 
 from __future__ import annotations
@@ -260,8 +260,8 @@ GRAM_BLOCK_COLUMNS = 8192
 def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
   r""":math:`\tilde T D \tilde T^\top = F F^\top`, :math:`F = \tilde T D^{1/2}`: the M×M matrix of the Woodbury solve.
 
-  F is never written out. Each leaf's product is summed over blocks of its
-  columns: a block of :math:`\tilde T`'s M rows is sliced, scaled by
+  On CPU, F is not written out for a leaf of two blocks or more. Each
+  leaf's product is summed over blocks of its columns: a block of :math:`\tilde T`'s M rows is sliced, scaled by
   :math:`D^{1/2}` and multiplied by its transpose while it is in cache. On
   CPU a block holds :data:`GRAM_BLOCK_COLUMNS` columns and a
   ``jax.lax.fori_loop`` runs over them; a leaf of fewer than two blocks,

@@ -89,6 +89,24 @@ def test_basis_drawn_from_key_is_reproducible_and_pinnable(mlp_problem):
   np.testing.assert_allclose(pinned['w1'], a['w1'], rtol=1e-6)
 
 
+def test_pinned_basis_with_metric_diagonal_draws_its_probes_from_the_key(mlp_problem):
+  """With a pinned basis the probes of 'metric_diagonal' come from key (a
+  fixed one without it): the same call gives the same direction, another
+  key other probes."""
+  params, outputs_fn, loss_fn = mlp_problem
+  grads = jax.grad(loss_fn)(params)
+  idx, coords = factors.select_basis(32, 4, 5, key=jax.random.key(7))
+
+  def direction(**key):
+    return kwng_jax.natural_gradient(grads, outputs_fn, params, basis_indices=idx,
+                                     basis_coords=coords, damping='metric_diagonal', **key)[0]
+
+  jax.tree.map(np.testing.assert_array_equal, direction(), direction())
+  keyed, other = direction(key=jax.random.key(1)), direction(key=jax.random.key(2))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((direction(), keyed)))
+  assert not np.allclose(keyed['w1'], other['w1'])
+
+
 @pytest.mark.usefixtures('enable_x64')
 def test_kernel_projection_beats_the_naive_metric_on_cholesky_gaussian():
   """SPEC §1.5: the estimate converges to (G_W + εI)⁻¹g; E[JᵀJ] does not."""

@@ -173,9 +173,11 @@ def test_damped_natural_gradient_on_a_wide_leaf_equals_float64_woodbury():
   got = jax.jit(solve.damped_natural_gradient)(
       grads, rows, damping, solve.damped_gram(rows, damping), jnp.asarray(epsilon), unseen)
   t, d, v, g = (np.asarray(x, np.float64) for x in (whitened, damping, unseen, grads))
-  d = d / (1.0 + v * d / epsilon)  # the metric's diagonal v + eps / D where T̃ is zero
   c = np.linalg.solve((t * d) @ t.T + epsilon * np.eye(3), t @ (d * g))
-  np.testing.assert_allclose(np.asarray(got), d * (g - t.T @ c) / epsilon, rtol=1e-3, atol=1e-6)
+  want = d * (g - t.T @ c) / epsilon
+  # Where T̃ is zero the metric's diagonal is v + eps / D.
+  want[:7] = g[:7] / (v[:7] + epsilon / d[:7])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-6)
 
 
 def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():
@@ -194,13 +196,25 @@ def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones(
     solve.damping_diagonal(squared_norms, 'metric_diagonal')
 
 
+def test_metric_diagonal_damping_gives_no_curvature_to_a_column_t_sees():
+  """Probes that cancel give s_j = 0 on a column T̃ sees: D⁻¹ is the typical
+  one there, but no extra curvature, since T̃ already holds that column's."""
+  metric = {'w': jnp.array([2.0, 0.0, 0.0])}
+  squared_norms = {'w': jnp.array([1.0, 3.0, 0.0])}
+  damping, curvature = probes.metric_diagonal_damping(metric, squared_norms)
+  np.testing.assert_allclose(damping['w'], [0.5, 0.5, 0.5])
+  # The typical curvature: the mean over the columns T̃ or the probes see.
+  np.testing.assert_allclose(curvature['w'], [0.0, 0.0, 2.0])
+
+
 def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():
   """A barely moved entry of a kernel gets at least 1e-2 of its unit's mean; vectors are not floored."""
   # Column 0: mean 1, so 1e-6 is floored to 1e-2 (the zero stays unseen);
   # column 1: mean 1e-8, every entry within 1e2 of it, so none moves.
   kernel = jnp.array([[3.0, 1e-8], [1e-6, 2e-8], [0.0, 0.0]])
   metric = {'kernel': kernel, 'bias': jnp.array([1.0, 1e-9])}
-  squared_norms = {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), 2.0)}
+  # T̃'s columns are zero where the metric is (an unseen parameter).
+  squared_norms = {'kernel': jnp.full((3, 2), 2.0).at[2].set(0.0), 'bias': jnp.full((2,), 2.0)}
   damping, curvature = probes.metric_diagonal_damping(metric, squared_norms)
   floor = probes.METRIC_DIAGONAL_FLOOR
   np.testing.assert_allclose(damping['kernel'][:2], 1.0 / np.array([[3.0, 1e-8], [floor, 2e-8]]),

@@ -320,8 +320,8 @@ def _pullback_groups(
 ) -> list[list[PyTree]]:
   """The VJPs of each group of cotangents (each of shape ``(K, ...)``), row by row.
 
-  ``'loop'`` pulls every row back on its own, and nothing downstream
-  stacks the rows again. ``'vmap'`` and ``'map'`` pull all the groups back in one batched
+  ``'loop'`` pulls every row back on its own; on CPU nothing downstream
+  stacks the rows of a wide leaf. ``'vmap'`` and ``'map'`` pull all the groups back in one batched
   call and slice it.
   """
   if batching == 'loop':

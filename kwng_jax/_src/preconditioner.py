@@ -65,8 +65,8 @@ class Preconditioner(NamedTuple):
 
   Attributes:
     whitened_rows: the M rows of the whitened factor :math:`\tilde T`, a
-      tuple of M params-shaped pytrees, in at least float32. Kept apart,
-      never stacked: the Gram and the solve read them block by block
+      tuple of M params-shaped pytrees, in at least float32. Kept apart:
+      on CPU the Gram and the solve read a wide leaf's rows block by block
       (:func:`kwng_jax.solve.damped_gram`).
     damping: D, a params-shaped pytree.
     gram: :math:`\tilde T D \tilde T^\top`, shape (M, M).
