@@ -305,7 +305,9 @@ adaptive_step = make_train_step(adaptive_kwng)
 params, opt_state, diagnostics = train(adaptive_step, params0, adaptive_kwng.init(params0), NUM_STEPS)
 print(f"final minibatch loss {diagnostics['loss'][-1]:.3f}, "
       f"fallbacks {int(diagnostics['fallback'].sum())} of {NUM_STEPS} steps, "
-      f"epsilon from {diagnostics['epsilon'].min():.1e} to {diagnostics['epsilon'].max():.1e}")
+      f"epsilon from {diagnostics['epsilon'].min():.1e} to {diagnostics['epsilon'].max():.1e}, "
+      f"displacement from {diagnostics['displacement'].min():.1e} "
+      f"to {diagnostics['displacement'].max():.1e}")
 print('last step:', otu.tree_get(opt_state, 'kwng_info'))
 
 # %%
@@ -438,7 +440,8 @@ for (name, epsilon0), log in damping_runs.items():
                label=f'{name}, $\\epsilon_0$ = {epsilon0:g}')
   ax_eps.plot(log['epsilon'], **style)
   ax_loss.plot(moving_average(log['loss']), **style)
-  print(f"{name:15s} epsilon0 = {epsilon0:7g}: final epsilon {log['epsilon'][-1]:8.1e}, "
+  print(f"{name:15s} epsilon0 = {epsilon0:7g}: final epsilon {log['epsilon'][-1]:8.1e} "
+        f"(shrunk {epsilon0 / log['epsilon'][-1]:.3g}x), "
         f"mean loss of the last 10 steps {log['loss'][-10:].mean():.3f}")
 ax_eps.set(yscale='log', xlabel='step', ylabel='kwng_epsilon', title='Adaptive $\\epsilon$ over training')
 ax_loss.set(yscale='log', xlabel='step', ylabel='minibatch loss (moving average)',
@@ -455,11 +458,11 @@ plt.show()
 #   the published one (a decade in 71). Neither rule drives $\epsilon$
 #   towards what trains fastest: they test whether the first-order model of
 #   the loss can be trusted. Here both rules shrink $\epsilon$ over the
-#   100 steps, by similar factors from the two lower starts (about 30 for
-#   `kwng_jax.kwng`, 26 for the published rule) and the published one ten
-#   times more from $\epsilon_0 = 10^3$: like the per-step rule it
-#   compares the losses of two *different* minibatches, so $\rho$ is noisy,
-#   and keeping the largest $\rho$ of the window biases it upwards.
+#   100 steps, by the factors printed above: on this run about 26 for both
+#   and from every start, which for the published rule means a shrink at
+#   each of its 20 windows. Both compare the losses of two *different*
+#   minibatches, so $\rho$ is noisy, and the published rule keeps the
+#   largest $\rho$ of its window, which biases it upwards.
 # * A start far above the eigenvalues of $\tilde T D \tilde T^\top$
 #   ($\epsilon_0 = 10^3$) makes KWNG the diagonally preconditioned gradient
 #   $D g$, and `kwng_jax.kwng` trains more slowly from there: the default
@@ -473,7 +476,7 @@ plt.show()
 #   ill-conditioned head does not distort, while a step of length 1 in
 #   parameter space is distorted by it. From $\epsilon_0 = 10^3$ both are
 #   still close to a damped gradient step after 100 steps, and end close
-#   to each other (`kwng_jax.kwng` a little above).
+#   to each other (`kwng_jax.kwng` a little below).
 #
 # ## 4. Ridgeless against ridge
 #
