@@ -258,10 +258,11 @@ GRAM_BLOCK_COLUMNS = 8192
 
 
 def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
-  r""":math:`\tilde T D \tilde T^\top = F F^\top`, :math:`F = \tilde T D^{1/2}`: the M×M matrix of the Woodbury solve.
+  r""":math:`\tilde T D \tilde T^\top = F F^\top`, the M×M matrix of the Woodbury solve.
 
-  On CPU, F is not written out for a leaf of two blocks or more. Each
-  leaf's product is summed over blocks of its columns: a block of :math:`\tilde T`'s M rows is sliced, scaled by
+  Here :math:`F = \tilde T D^{1/2}`; on CPU it is not written out for a
+  leaf of two blocks or more. Each leaf's product is summed over blocks of
+  its columns: a block of :math:`\tilde T`'s M rows is sliced, scaled by
   :math:`D^{1/2}` and multiplied by its transpose while it is in cache. On
   CPU a block holds :data:`GRAM_BLOCK_COLUMNS` columns and a
   ``jax.lax.fori_loop`` runs over them; a leaf of fewer than two blocks,

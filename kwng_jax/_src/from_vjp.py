@@ -321,8 +321,8 @@ def _pullback_groups(
   """The VJPs of each group of cotangents (each of shape ``(K, ...)``), row by row.
 
   ``'loop'`` pulls every row back on its own; on CPU nothing downstream
-  stacks the rows of a wide leaf. ``'vmap'`` and ``'map'`` pull all the groups back in one batched
-  call and slice it.
+  stacks the rows of a wide leaf. ``'vmap'`` and ``'map'`` pull all the
+  groups back in one batched call and slice it.
   """
   if batching == 'loop':
     return [[vjp_fn(group[k])[0] for k in range(group.shape[0])] for group in groups]
