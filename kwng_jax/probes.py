@@ -244,25 +244,27 @@ def metric_diagonal_damping(
   Returns:
     ``(D, v)``, each shaped like the params, in the dtype of ``squared_norms``.
   """
-  seen = jax.tree.map(lambda d: d > 0, metric_diagonal)
-  # Random signs can cancel to an estimate of exactly zero on a column T̃
-  # sees (a logit's bias on 32 samples: both probes, 2% of first steps).
-  in_factor = jax.tree.map(lambda m, t: m | (t > 0), seen, squared_norms)
   metric_diagonal = jax.tree.map(_floor_by_unit, metric_diagonal)
+  # Random signs can cancel to an estimate of exactly zero on a column T̃
+  # sees (a logit's bias on 32 samples: both probes, 2% of first steps): the
+  # columns in the factor are those where s + q > 0 (both are nonnegative).
+  in_factor = jax.tree.map(
+      lambda d, t: d.astype(t.dtype) + t, metric_diagonal, squared_norms)
   # With no parameter seen (samples that do not depend on the params) both
   # are 1: the direction is then g / (1 + eps).
-  typical_metric = solve.mean_over_seen(metric_diagonal, seen)
-  typical_curvature = solve.mean_over_seen(squared_norms, in_factor)
+  typical_metric = solve.mean_over_support(metric_diagonal, metric_diagonal)
+  typical_curvature = solve.mean_over_support(squared_norms, in_factor)
   # T̃ can be zero where J is not (the whitening dropped every mode): the
   # unseen parameters still get a curvature, so their step stays bounded.
   typical_curvature = jnp.where(typical_curvature > 0, typical_curvature, 1.0)
   damping = jax.tree.map(
-      lambda d, m, t: (1.0 / jnp.where(m, d, typical_metric)).astype(t.dtype),
-      metric_diagonal, seen, squared_norms)
+      lambda d, t: (1.0 / jnp.where(d > 0, d, typical_metric)).astype(t.dtype),
+      metric_diagonal, squared_norms)
   # The curvature only where T̃'s column is zero too: elsewhere the metric
   # already holds T̃'s part.
   unseen = jax.tree.map(
-      lambda m, t: jnp.where(m, 0.0, typical_curvature).astype(t.dtype), in_factor, squared_norms)
+      lambda f, t: jnp.where(f > 0, 0.0, typical_curvature).astype(t.dtype),
+      in_factor, squared_norms)
   return damping, unseen
 
 
@@ -271,5 +273,5 @@ def _floor_by_unit(diagonal: jax.Array) -> jax.Array:
   if diagonal.ndim < 2:
     return diagonal
   unit_mean = jnp.mean(diagonal, axis=tuple(range(diagonal.ndim - 1)), keepdims=True)
-  return jnp.where(diagonal > 0, jnp.maximum(diagonal, METRIC_DIAGONAL_FLOOR * unit_mean),
-                   diagonal)
+  # sign: 1 where the entry is positive, 0 where it is zero.
+  return jnp.maximum(diagonal, METRIC_DIAGONAL_FLOOR * unit_mean * jnp.sign(diagonal))

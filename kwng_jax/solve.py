@@ -225,29 +225,40 @@ def safe_damping(squared_norms: PyTree) -> tuple[PyTree, PyTree]:
   Returns:
     ``(D, v)``, each shaped like ``squared_norms``.
   """
-  seen = jax.tree.map(lambda q: q > 0, squared_norms)
   # With no column seen at all (samples that do not depend on the params)
   # c = 1: the direction is then the gradient scaled by 1 / (1 + eps).
-  typical = jnp.sqrt(mean_over_seen(squared_norms, seen))
+  typical = jnp.sqrt(mean_over_support(squared_norms, squared_norms))
   damping = jax.tree.map(
-      lambda q, m: 1.0 / jnp.where(m, jnp.sqrt(q) + DAMPING_OFFSET, typical.astype(q.dtype)),
-      squared_norms, seen)
+      lambda q: 1.0 / jnp.where(q > 0, jnp.sqrt(q) + DAMPING_OFFSET, typical.astype(q.dtype)),
+      squared_norms)
   unseen = jax.tree.map(
-      lambda q, m: jnp.where(m, 0.0, jnp.square(typical)).astype(q.dtype), squared_norms, seen)
+      lambda q: jnp.where(q > 0, 0.0, jnp.square(typical)).astype(q.dtype), squared_norms)
   return damping, unseen
 
 
-def mean_over_seen(values: PyTree, seen: PyTree) -> jax.Array:
-  """The mean of ``values`` over the entries ``seen`` marks; 1 if there are none.
+def mean_over_support(values: PyTree, support: PyTree) -> jax.Array:
+  """The mean of ``values`` over the entries where ``support`` is positive; 1 if there are none.
 
-  ``values`` is zero on the unseen entries (a zero column of J gives zero
-  column norms and a zero metric diagonal), so the sum over all entries is
-  the sum over the seen ones.
+  ``support`` is nonnegative, and ``values`` is zero wherever it is zero (a
+  zero column of J gives zero column norms and a zero metric diagonal), so
+  the sum over all entries is the sum over the support.
   """
   total = functools.reduce(jnp.add, [jnp.sum(v) for v in jax.tree.leaves(values)])
-  count = functools.reduce(jnp.add, [jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(seen)])
-  mean = total / jnp.maximum(count, 1).astype(total.dtype)
+  count = functools.reduce(
+      jnp.add, [_count_positive(s).astype(total.dtype) for s in jax.tree.leaves(support)])
+  mean = total / jnp.maximum(count, 1)
   return jnp.where(count > 0, mean, 1.0).astype(total.dtype)
+
+
+def _count_positive(nonnegative: jax.Array) -> jax.Array:
+  """How many entries of a nonnegative array are positive."""
+  if nonnegative.size < 2**24:
+    # The sum of the signs: XLA:CPU reduces it with far fewer passes than a
+    # boolean mask converted to int (the metric-diagonal damping of a
+    # 670k-parameter MLP on 2 cores: 13.5 against 14.3 ms per step); exact
+    # in float32 below 2^24 entries.
+    return jnp.sum(jnp.sign(nonnegative.astype(jnp.float32)))
+  return jnp.sum(nonnegative > 0, dtype=jnp.int32)
 
 
 #: Columns per block of :func:`damped_gram` on CPU, where XLA:CPU runs the
@@ -279,17 +290,48 @@ def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
   Returns:
     The M×M matrix, in the dtype of M×M solves (:func:`small_matrix_dtype`).
   """
+  return _blocked_gram(whitened_rows, damping)
+
+
+def damped_gram_and_products(
+    whitened_rows: Sequence[PyTree], damping: PyTree, grads: PyTree
+) -> tuple[jax.Array, jax.Array]:
+  r""":func:`damped_gram` and :math:`\tilde T D g`, in one pass over the rows.
+
+  g joins the blocks of :func:`damped_gram` as one more row, so the
+  right-hand side of the Woodbury solve costs no pass over
+  :math:`\tilde T` of its own (670k-parameter MLP, M = 5, on 2 cores:
+  12.8 against 14.2 ms per step).
+
+  Args:
+    whitened_rows: the M rows of :math:`\tilde T`, each shaped like ``grads``.
+    damping: D, shaped like ``grads``, in the rows' dtype.
+    grads: g.
+
+  Returns:
+    ``(gram, products)``: the M×M matrix of :func:`damped_gram` and the
+    M-vector :math:`\tilde T D g`, in the dtype of M×M solves.
+  """
+  num_basis = len(whitened_rows)
+  rows = [*whitened_rows, jax.tree.map(lambda g, d: g.astype(d.dtype), grads, damping)]
+  extended = _blocked_gram(rows, damping)
+  return extended[:num_basis, :num_basis], extended[:num_basis, num_basis]
+
+
+def _blocked_gram(rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
+  """The K×K matrix of inner products in D of K params-shaped rows, block by block."""
   dtype = small_matrix_dtype()
 
-  def gram(d, *rows):
-    rows = [r.reshape(-1) for r in rows]
+  def gram(d, *leaf_rows):
+    leaf_rows = [r.reshape(-1) for r in leaf_rows]
     d = d.reshape(-1)
 
     def block_gram(start, size):
       # The square root inside the block: taken outside the loop, it would
       # be one more pass that writes a params-sized array.
       root = jnp.sqrt(jax.lax.dynamic_slice_in_dim(d, start, size))
-      block = jnp.stack([jax.lax.dynamic_slice_in_dim(r, start, size) for r in rows]) * root[None]
+      block = jnp.stack(
+          [jax.lax.dynamic_slice_in_dim(r, start, size) for r in leaf_rows]) * root[None]
       return (block @ block.T).astype(dtype)
 
     size = d.shape[0]
@@ -301,7 +343,7 @@ def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
         0, num_blocks,
         lambda i, total: total + block_gram(i * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS), rest)
 
-  return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(gram, damping, *whitened_rows)))
+  return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(gram, damping, *rows)))
 
 
 def _one_block(size: int) -> bool:
@@ -342,6 +384,8 @@ def damped_natural_gradient(
     gram: jax.Array,
     epsilon: jax.Array,
     unseen: PyTree | None = None,
+    *,
+    gradient_products: jax.Array | None = None,
 ) -> PyTree:
   r"""The Woodbury solve :math:`(\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g`.
 
@@ -351,7 +395,8 @@ def damped_natural_gradient(
 
   two passes over the M rows of :math:`\tilde T` (the M inner products
   :math:`\tilde T D g`, then :math:`g - \tilde T^\top c`) and an M×M
-  solve.
+  solve; one pass when :func:`damped_gram_and_products` gave the products
+  with the Gram.
 
   Args:
     grads: g, a pytree.
@@ -377,18 +422,22 @@ def damped_natural_gradient(
     # its last pass far worse (670k-parameter MLP on 2 cores: 22 against 14 ms).
     damping = jax.tree.map(
         lambda d, v: d / (1.0 + v * d / epsilon.astype(d.dtype)), damping, unseen)
+  if gradient_products is None:
+    damped_grads = jax.tree.map(lambda g, d: g.astype(d.dtype) * d, grads, damping)
+
+    def leaf_rhs(h, *rows):
+      rows = [r.reshape(-1) for r in rows]
+      if _one_block(h.size):
+        return (jnp.stack(rows) @ h.reshape(-1)).astype(dtype)
+      # Wide leaves: M inner products, as in damped_gram no M×P stack.
+      return jnp.stack([jnp.vdot(r, h).astype(dtype) for r in rows])
+
+    rhs = functools.reduce(
+        jnp.add, jax.tree.leaves(jax.tree.map(leaf_rhs, damped_grads, *whitened_rows)))
+  else:
+    # T̃'s columns are zero where the fold changed D: the same products.
+    rhs = gradient_products.astype(dtype)
   num_basis = gram.shape[0]
-  damped_grads = jax.tree.map(lambda g, d: g.astype(d.dtype) * d, grads, damping)
-
-  def leaf_rhs(h, *rows):
-    rows = [r.reshape(-1) for r in rows]
-    if _one_block(h.size):
-      return (jnp.stack(rows) @ h.reshape(-1)).astype(dtype)
-    # Wide leaves: M inner products, as in damped_gram no M×P stack.
-    return jnp.stack([jnp.vdot(r, h).astype(dtype) for r in rows])
-
-  rhs = functools.reduce(
-      jnp.add, jax.tree.leaves(jax.tree.map(leaf_rhs, damped_grads, *whitened_rows)))
   system = gram.astype(dtype) + epsilon * jnp.eye(num_basis, dtype=dtype)
   coefficients = solve_psd(system, rhs)
 

@@ -180,6 +180,32 @@ def test_damped_natural_gradient_on_a_wide_leaf_equals_float64_woodbury():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize('columns', [63, 2 * solve.GRAM_BLOCK_COLUMNS + 5])
+def test_gram_and_products_equal_float64_in_one_pass(columns):
+  """T̃ D T̃ᵀ and T̃ D g from the blocks with g as one more row, a wide leaf
+  (fori_loop over blocks on CPU) and a small one; the solve given those
+  products gives the direction it computes without them."""
+  keys = jax.random.split(jax.random.key(5), 4)
+  whitened = jax.random.normal(keys[0], (4, columns)).at[:, :3].set(0.0)
+  damping = {'w': jax.random.uniform(keys[1], (columns,), minval=0.1, maxval=10.0),
+             'b': jax.random.uniform(keys[2], (2,), minval=0.1, maxval=10.0)}
+  rows = [{'w': whitened[m], 'b': whitened[m, 5:7]} for m in range(4)]
+  grads = {'w': jax.random.normal(keys[3], (columns,)), 'b': jnp.array([1.0, -2.0])}
+  gram, products = jax.jit(solve.damped_gram_and_products)(rows, damping, grads)
+  t = np.concatenate([np.asarray(whitened, np.float64), np.asarray(whitened[:, 5:7], np.float64)], 1)
+  d = np.concatenate([np.asarray(damping['w'], np.float64), np.asarray(damping['b'], np.float64)])
+  g = np.concatenate([np.asarray(grads['w'], np.float64), np.asarray(grads['b'], np.float64)])
+  np.testing.assert_allclose(np.asarray(gram), (t * d) @ t.T, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(products), t @ (d * g), rtol=1e-5, atol=1e-3)
+  unseen = {'w': jnp.zeros(columns).at[:3].set(0.5), 'b': jnp.zeros(2)}
+  solve_fn = jax.jit(solve.damped_natural_gradient)
+  with_products = solve_fn(grads, rows, damping, gram, jnp.asarray(0.3), unseen,
+                           gradient_products=products)
+  without = solve_fn(grads, rows, damping, gram, jnp.asarray(0.3), unseen)
+  for got, want in zip(jax.tree.leaves(with_products), jax.tree.leaves(without)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-6)
+
+
 def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():
   whitened = {'seen': jnp.array([[3.0, 4.0], [0.0, 0.0]]), 'unseen': jnp.zeros((2, 1))}
   metric = {'seen': jnp.array([2.0, 6.0]), 'unseen': jnp.zeros(1)}

@@ -80,6 +80,26 @@ def test_metric_diagonal_damping_uses_the_state_average(mlp_problem):
   assert float(new_state.kwng_metric_diagonal.weight) > float(state.kwng_metric_diagonal.weight)
 
 
+@pytest.mark.parametrize('damping', ['reference', 'safe'])
+def test_step_with_products_from_the_gram_equals_the_two_pass_solve(mlp_problem, damping):
+  """A step that builds its own preconditioner gets T̃ D g from the Gram's
+  pass; given the same preconditioner built without g, the solve computes
+  T̃ D g itself: the same update."""
+  params, outputs_fn, loss_fn = mlp_problem
+  opt = kwng_jax.scale_by_kwng(num_basis=5, damping=damping, seed=3)
+  state = opt.init(params)
+  grads = jax.grad(loss_fn)(params)
+  fused, _ = jax.jit(functools.partial(opt.update, outputs_fn=outputs_fn))(grads, state, params)
+  preconditioner = kwng_jax.build_preconditioner(
+      outputs_fn, params, key=jax.random.fold_in(jax.random.key(3), 0), num_basis=5,
+      damping=damping)
+  assert preconditioner.gradient_products is None
+  two_pass, _ = opt.update(grads, state, params, outputs_fn=outputs_fn,
+                           preconditioner=preconditioner)
+  for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(two_pass)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
 def test_jit_equals_eager_and_does_not_recompile(mlp_problem):
   params, outputs_fn, loss_fn = mlp_problem
   opt = kwng_jax.kwng(learning_rate=0.1)

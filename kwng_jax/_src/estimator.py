@@ -88,8 +88,13 @@ def build(
     basis_coords: jax.Array | None = None,
     jacobian_outputs_fn: OutputsFn | None = None,
     diagonal_average: probes.DiagonalAverage | None = None,
+    grads: PyTree | None = None,
 ) -> Preconditioner:
-  """:func:`build_preconditioner` with its options already validated."""
+  """:func:`build_preconditioner` with its options already validated.
+
+  With ``grads``, the preconditioner holds :math:`\tilde T D g` for them
+  (``Preconditioner.gradient_products``).
+  """
   if outputs_fn is None or not callable(outputs_fn):
     raise ValueError(
         'KWNG needs outputs_fn, a function params -> samples of shape (N, ...) '
@@ -127,7 +132,7 @@ def build(
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
-      diagonal_average=diagonal_average,
+      diagonal_average=diagonal_average, grads=grads,
   )[0]
 
 
@@ -154,8 +159,9 @@ def apply_preconditioner(
         f'got the structure {jax.tree.structure(grads)} for params of '
         f'structure {jax.tree.structure(preconditioner.damping)}.'
     )
+  # Positional arguments only: auto_axes converts those to the Auto mesh.
   solve_fn = sharding.in_auto_mode(
-      solve.damped_natural_gradient,
+      lambda *args: solve.damped_natural_gradient(*args[:-1], gradient_products=args[-1]),
       out_sharding=jax.tree.map(sharding.spec_of, grads),
   )
   with jax.default_matmul_precision(from_vjp_lib.FULL_PRECISION):
@@ -166,6 +172,7 @@ def apply_preconditioner(
         preconditioner.gram,
         jnp.asarray(epsilon),
         preconditioner.unseen,
+        preconditioner.gradient_products,
     )
   alignment = sharding.tree_vdot(grads, direction)
   finite_grads = _sum_is_finite(grads)
@@ -302,6 +309,6 @@ def natural_gradient(
   opts = options_lib.EstimatorOptions.from_kwargs('natural_gradient', options)
   preconditioner = build(
       outputs_fn, params, opts, key=key, basis_indices=basis_indices,
-      basis_coords=basis_coords, jacobian_outputs_fn=jacobian_outputs_fn,
+      basis_coords=basis_coords, jacobian_outputs_fn=jacobian_outputs_fn, grads=grads,
   )
   return apply_preconditioner(preconditioner, grads, epsilon)

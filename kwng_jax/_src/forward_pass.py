@@ -35,9 +35,10 @@ def builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_param
   ``key_fn()`` gives the basis key inside the build, so that steps reusing
   stored factors skip its hash too.
 
-  Returns ``(build, warn_if_convolutions)``: ``build()`` gives the
-  preconditioner, ``warn_if_convolutions()`` warns if its backward pass,
-  run inside ``lax.cond``, would be slow (``outputs.warn_if_convolutions_on_cpu``).
+  Returns ``(build, warn_if_convolutions)``: ``build(grads=None)`` gives
+  the preconditioner (holding :math:`\tilde T D g` for ``grads``, if
+  given), ``warn_if_convolutions()`` warns if its backward pass, run
+  inside ``lax.cond``, would be slow (``outputs.warn_if_convolutions_on_cpu``).
   """
   if outputs_fn is None and samples_and_vjp is None:
     raise ValueError(
@@ -64,22 +65,23 @@ def builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_param
     samples, vjp_fn = outputs_lib.check_samples_and_vjp(
         samples_and_vjp, params, 'scale_by_kwng'
     )
-    return (lambda: from_vjp.from_vjp_of_options(samples, vjp_fn, opts, key=key_fn(),
-                                                 diagonal_average=diagonal_average),
+    return (lambda grads=None: from_vjp.from_vjp_of_options(
+                samples, vjp_fn, opts, key=key_fn(), diagonal_average=diagonal_average,
+                grads=grads),
             lambda: outputs_lib.warn_if_convolutions_on_cpu(vjp_fn, samples))
   if (samples_and_vjp is not None and jacobian_outputs_fn is not None
       and opts.jacobian_dtype is None):
     # The samples of the forward pass already run, T from the first rows alone.
     samples, _ = outputs_lib.check_samples_and_vjp(samples_and_vjp, params, 'scale_by_kwng')
 
-    def build_from_rows():
+    def build_from_rows(grads=None):
       with outputs_lib.explained_errors():
         rows, rows_vjp_fn = jax.vjp(jacobian_outputs_fn, params)
       rows = outputs_lib.as_samples(rows)
       estimator.check_jacobian_rows(rows, samples, options_lib.fixed_rows(opts.jacobian_samples))
       return from_vjp.from_vjp_of_options(
           samples, rows_vjp_fn, dataclasses.replace(opts, jacobian_samples=rows.shape[0]),
-          key=key_fn(), diagonal_average=diagonal_average)
+          key=key_fn(), diagonal_average=diagonal_average, grads=grads)
 
     return (build_from_rows,
             lambda: outputs_lib.warn_if_convolutions_on_cpu(
@@ -91,8 +93,9 @@ def builder(opts, key_fn, params, *, outputs_fn, jacobian_outputs_fn, full_param
     jacobian_outputs_fn = outputs_lib.unmasked_outputs_fn(
         jacobian_outputs_fn, params, full_params, 'scale_by_kwng'
     )
-  return (lambda: estimator.build(outputs_fn, params, opts, key=key_fn(),
-                                  jacobian_outputs_fn=jacobian_outputs_fn,
-                                  diagonal_average=diagonal_average),
+  return (lambda grads=None: estimator.build(
+                outputs_fn, params, opts, key=key_fn(),
+                jacobian_outputs_fn=jacobian_outputs_fn,
+                diagonal_average=diagonal_average, grads=grads),
           lambda: outputs_lib.warn_if_convolutions_on_cpu(
               outputs_lib.backward_pass(jacobian_outputs_fn or outputs_fn), params))

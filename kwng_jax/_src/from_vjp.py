@@ -128,6 +128,7 @@ def from_vjp_of_options(
     basis_indices: jax.Array | None = None,
     basis_coords: jax.Array | None = None,
     diagonal_average: probes.DiagonalAverage | None = None,
+    grads: PyTree | None = None,
 ) -> Preconditioner:
   """:func:`preconditioner_from_vjp` with its options already validated."""
   if not callable(vjp_fn):
@@ -149,7 +150,7 @@ def from_vjp_of_options(
   return from_vjp(
       samples, vjp_fn, opts, key=key, basis_indices=basis_indices,
       basis_coords=basis_coords, jacobian_like=jacobian_like, num_rows=num_rows,
-      diagonal_average=diagonal_average,
+      diagonal_average=diagonal_average, grads=grads,
   )[0]
 
 
@@ -190,6 +191,7 @@ def from_vjp(
     num_rows: int,
     loss_cotangent: jax.Array | None = None,
     diagonal_average: probes.DiagonalAverage | None = None,
+    grads: PyTree | None = None,
 ) -> tuple[Preconditioner, PyTree | None]:
   """The preconditioner from checked samples and the VJP of their first rows.
 
@@ -201,6 +203,8 @@ def from_vjp(
   ``diagonal_average`` (an optimizer's state, ``damping='metric_diagonal'``),
   ``probes.AVERAGED_PROBES`` probes update it and the damping uses the
   average, which the preconditioner returns in its ``diagonal_average``.
+  With ``grads`` (shaped like the params), the Gram's pass over the rows
+  gives :math:`\tilde T D g` too, in ``gradient_products``.
   """
   _warn_if_independent_of_params(vjp_fn, jacobian_like)
   points_matrix = factors.as_sample_matrix(samples)
@@ -292,11 +296,19 @@ def from_vjp(
     damping_diag, unseen = probes.metric_diagonal_damping(metric_diagonal, squared_norms)
   else:
     damping_diag, unseen = solve.damping_diagonal(squared_norms, opts.damping), None
+  grads_structure: Any = jax.tree.structure(grads)
+  if grads is not None and grads_structure != jax.tree.structure(damping_diag):
+    grads = None  # apply_preconditioner explains the mismatch.
   with jax.default_matmul_precision(FULL_PRECISION):
     # The contraction over the parameters runs over FSDP-sharded axes.
-    damped_gram = sharding.in_auto_mode(
-        solve.damped_gram, out_sharding=PartitionSpec()
-    )(whitened_rows, damping_diag)
+    if grads is None:
+      damped_gram, gradient_products = sharding.in_auto_mode(
+          solve.damped_gram, out_sharding=PartitionSpec()
+      )(whitened_rows, damping_diag), None
+    else:
+      damped_gram, gradient_products = sharding.in_auto_mode(
+          solve.damped_gram_and_products, out_sharding=(PartitionSpec(), PartitionSpec())
+      )(whitened_rows, damping_diag, grads)
   # D > 0, so T̃ D T̃ᵀ has a positive diagonal entry exactly when T̃ is
   # nonzero: no extra pass over T̃.
   depends_on_params = jnp.any(jnp.diagonal(damped_gram) > 0)
@@ -311,6 +323,7 @@ def from_vjp(
       valid_hyperparameters=valid_basis & opts.traced_valid(),
       unseen=unseen,
       diagonal_average=diagonal_average if num_probes else None,
+      gradient_products=gradient_products,
   )
   return preconditioner, loss_pullback
 

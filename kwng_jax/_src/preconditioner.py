@@ -85,6 +85,11 @@ class Preconditioner(NamedTuple):
       optimizer, the running average of the metric diagonal after this
       build (:class:`kwng_jax.probes.DiagonalAverage`), which the
       optimizer's state keeps; None otherwise.
+    gradient_products: :math:`\tilde T D g` for the g the preconditioner
+      was built with (an optimizer's step, in the same pass over the rows
+      as the Gram: :func:`kwng_jax.solve.damped_gram_and_products`), which
+      :func:`kwng_jax.apply_preconditioner` then uses for that same g;
+      None otherwise.
   """
 
   whitened_rows: tuple[PyTree, ...]
@@ -97,6 +102,7 @@ class Preconditioner(NamedTuple):
   valid_hyperparameters: jax.Array
   unseen: PyTree | None = None
   diagonal_average: probes.DiagonalAverage | None = None
+  gradient_products: jax.Array | None = None
 
   @classmethod
   def empty(

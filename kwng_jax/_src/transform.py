@@ -267,7 +267,8 @@ def scale_by_kwng(
     # build_preconditioner), or stored factors reused, leave it as it was.
     average = state.kwng_metric_diagonal
     if preconditioner is None and stored is None:
-      preconditioner = build()
+      # Built for these updates: the Gram's pass over the rows gives T̃ D g.
+      preconditioner = build(updates)
     elif preconditioner is None:
       warn_if_convolutions()
       stored = _pin_shardings(stored, params)
