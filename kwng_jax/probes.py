@@ -273,5 +273,4 @@ def _floor_by_unit(diagonal: jax.Array) -> jax.Array:
   if diagonal.ndim < 2:
     return diagonal
   unit_mean = jnp.mean(diagonal, axis=tuple(range(diagonal.ndim - 1)), keepdims=True)
-  # sign: 1 where the entry is positive, 0 where it is zero.
-  return jnp.maximum(diagonal, METRIC_DIAGONAL_FLOOR * unit_mean * jnp.sign(diagonal))
+  return jnp.maximum(diagonal, jnp.where(diagonal > 0, METRIC_DIAGONAL_FLOOR * unit_mean, 0.0))

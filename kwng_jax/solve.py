@@ -21,7 +21,9 @@ invertible this equals the ridge form
 Everything that does not depend on :math:`\epsilon` or :math:`g` (the
 rows of the whitened factor, D and :math:`\tilde T D \tilde T^\top`)
 is computed once (:func:`whitening`, :func:`damping_diagonal`,
-:func:`damped_gram`), so it can be reused across steps.
+:func:`damped_gram`), so it can be reused across steps. A step that builds
+them for one g gets :math:`\tilde T D g` in the same pass over the rows
+(:func:`damped_gram_and_products`).
 """
 
 from __future__ import annotations
@@ -247,7 +249,9 @@ def mean_over_support(values: PyTree, support: PyTree) -> jax.Array:
   count = functools.reduce(
       jnp.add, [_count_positive(s).astype(total.dtype) for s in jax.tree.leaves(support)])
   mean = total / jnp.maximum(count, 1)
-  return jnp.where(count > 0, mean, 1.0).astype(total.dtype)
+  # A NaN makes the sum (and below 2^24 entries the count) NaN: the mean
+  # is then NaN, not 1.
+  return jnp.where(count == 0, 1.0, mean).astype(total.dtype)
 
 
 def _count_positive(nonnegative: jax.Array) -> jax.Array:
@@ -256,8 +260,11 @@ def _count_positive(nonnegative: jax.Array) -> jax.Array:
     # The sum of the signs: XLA:CPU reduces it with far fewer passes than a
     # boolean mask converted to int (the metric-diagonal damping of a
     # 670k-parameter MLP on 2 cores: 13.5 against 14.3 ms per step); exact
-    # in float32 below 2^24 entries.
-    return jnp.sum(jnp.sign(nonnegative.astype(jnp.float32)))
+    # in float32 below 2^24 entries. Never narrower than the entries, so
+    # that no positive float64 rounds to zero.
+    if jnp.finfo(nonnegative.dtype).bits < 32:
+      nonnegative = nonnegative.astype(jnp.float32)
+    return jnp.sum(jnp.sign(nonnegative))
   return jnp.sum(nonnegative > 0, dtype=jnp.int32)
 
 
@@ -403,12 +410,16 @@ def damped_natural_gradient(
     whitened_rows: the M rows of :math:`\tilde T`, each shaped like
       ``grads``.
     damping: D, shaped like ``grads``, in the rows' dtype.
-    gram: :math:`\tilde T D \tilde T^\top` from :func:`damped_gram`.
+    gram: :math:`\tilde T D \tilde T^\top` from :func:`damped_gram` (or
+      :func:`damped_gram_and_products`).
     epsilon: :math:`\epsilon > 0`.
     unseen: the curvature :math:`v` of :func:`safe_damping`, or None.
       Where it is positive the column of :math:`\tilde T` is zero, so the
       metric's diagonal there is :math:`v_j + \epsilon / D_j` and nothing
       else changes: the step there is :math:`D_j g_j / (\epsilon + v_j D_j)`.
+    gradient_products: :math:`\tilde T D g` for this very ``grads``, from
+      :func:`damped_gram_and_products` with this ``damping`` (before
+      ``unseen`` is folded in); None computes them here, in the first pass.
 
   Returns:
     :math:`\hat g`, shaped like ``grads``, each leaf in its own dtype.

@@ -206,6 +206,25 @@ def test_gram_and_products_equal_float64_in_one_pass(columns):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-6)
 
 
+def test_mean_over_support_counts_positive_entries_and_keeps_nan():
+  """The mean over the positive entries of the support; 1 with none; a NaN
+  stays NaN (not 1); bfloat16 entries are counted in float32."""
+  values = {'a': jnp.array([[2.0, 0.0], [4.0, 0.0]]), 'b': jnp.array([3.0])}
+  np.testing.assert_allclose(solve.mean_over_support(values, values), 3.0)
+  zeros = {'a': jnp.zeros((2, 2))}
+  np.testing.assert_allclose(solve.mean_over_support(zeros, zeros), 1.0)
+  with_nan = {'a': jnp.array([jnp.nan, 1.0, 0.0])}
+  assert np.isnan(solve.mean_over_support(with_nan, with_nan))
+  half = {'a': jnp.array([2.0, 0.0, 4.0], jnp.bfloat16)}
+  np.testing.assert_allclose(solve.mean_over_support(half, half).astype(jnp.float32), 3.0)
+
+
+@pytest.mark.usefixtures('enable_x64')
+def test_mean_over_support_counts_float64_entries_below_float32_range():
+  tiny = {'a': jnp.array([1e-50, 0.0, 4.0], jnp.float64)}
+  np.testing.assert_allclose(solve.mean_over_support(tiny, tiny), 2.0)
+
+
 def test_metric_diagonal_damping_is_the_inverse_diagonal_and_bounds_unseen_ones():
   whitened = {'seen': jnp.array([[3.0, 4.0], [0.0, 0.0]]), 'unseen': jnp.zeros((2, 1))}
   metric = {'seen': jnp.array([2.0, 6.0]), 'unseen': jnp.zeros(1)}

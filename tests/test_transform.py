@@ -10,6 +10,8 @@ import pytest
 
 import kwng_jax
 
+from conftest import mlp_apply
+
 
 def run_steps(opt, params, outputs_fn, loss_fn, num_steps, jit=True):
   state = opt.init(params)
@@ -98,6 +100,41 @@ def test_step_with_products_from_the_gram_equals_the_two_pass_solve(mlp_problem,
                            preconditioner=preconditioner)
   for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(two_pass)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_every_build_of_a_step_hands_the_solve_its_gradient_products(mlp_problem, monkeypatch):
+  """Each way a step gets its forward pass (outputs_fn alone, its first rows,
+  samples_and_vjp alone or with jacobian_outputs_fn) builds with g, and the
+  solve receives T̃ D g for that g; kwng()'s default damping included."""
+  params, outputs_fn, loss_fn = mlp_problem
+  inputs = jax.random.normal(jax.random.key(1), (64, 3))
+  batch_fn = kwng_jax.batch_outputs_fn(mlp_apply, inputs)
+  grads = jax.grad(loss_fn)(params)
+  received = []
+  solve_fn = kwng_jax.solve.damped_natural_gradient
+
+  def spy(g, rows, damping, gram, epsilon, unseen=None, *, gradient_products=None):
+    # T̃ D g from the rows themselves: the products must be those of this g.
+    want = jnp.stack([sum(jnp.vdot(r, d * x) for r, d, x in zip(
+        jax.tree.leaves(row), jax.tree.leaves(damping), jax.tree.leaves(g))) for row in rows])
+    received.append((gradient_products, want))
+    return solve_fn(g, rows, damping, gram, epsilon, unseen, gradient_products=gradient_products)
+
+  monkeypatch.setattr(kwng_jax.solve, 'damped_natural_gradient', spy)
+  forward_passes = [
+      dict(outputs_fn=outputs_fn),
+      dict(outputs_fn=batch_fn),
+      dict(samples_and_vjp=jax.vjp(outputs_fn, params)),
+      dict(samples_and_vjp=jax.vjp(batch_fn, params), outputs_fn=batch_fn,
+           jacobian_outputs_fn=batch_fn.first_rows(16)),
+  ]
+  for opt in (kwng_jax.scale_by_kwng(num_basis=5), kwng_jax.kwng()):
+    for forward_pass in forward_passes:
+      received.clear()
+      opt.update(grads, opt.init(params), params, value=loss_fn(params), **forward_pass)
+      (products, want), = received
+      assert products is not None, forward_pass
+      np.testing.assert_allclose(products, want, rtol=1e-4, atol=1e-6)
 
 
 def test_jit_equals_eager_and_does_not_recompile(mlp_problem):

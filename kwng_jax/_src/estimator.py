@@ -150,7 +150,13 @@ def check_jacobian_rows(rows: jax.Array, samples: jax.Array, num_rows: int | Non
 def apply_preconditioner(
     preconditioner: Preconditioner, grads: PyTree, epsilon: float | jax.Array
 ) -> tuple[PyTree, KWNGInfo]:
-  r"""Returns :math:`\hat g = (\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g` and diagnostics."""
+  r"""Returns :math:`\hat g = (\tilde T^\top\tilde T + \epsilon D^{-1})^{-1} g` and diagnostics.
+
+  A preconditioner that holds ``gradient_products`` (built by an
+  optimizer's step for its g) is applied with them: ``grads`` must then be
+  that same g. :func:`build_preconditioner` and
+  :func:`kwng_jax.preconditioner_from_vjp` build without them, for any g.
+  """
   options_lib.check_positive('epsilon', epsilon)
   grads_structure: Any = jax.tree.structure(grads)
   if grads_structure != jax.tree.structure(preconditioner.damping):

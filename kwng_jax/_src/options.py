@@ -31,8 +31,8 @@ JacobianSamples = int | Literal['auto'] | None
 
 #: The n of ``jacobian_samples='auto'``. On the digits benchmarks (10 fresh
 #: seeds, test accuracy at the learning rate chosen on validation), T from
-#: the first 32 of 128 samples gave 0.976 on the ill-conditioned MLP and
-#: 0.950 on the ill-conditioned CNN, against 0.977 and 0.975 from the
+#: the first 32 of 128 samples gave 0.977 on the ill-conditioned MLP and
+#: 0.968 on the ill-conditioned CNN, against 0.976 and 0.967 from the
 #: whole batch (every accuracy target held with either); each of its VJPs
 #: costs a quarter of the batch's.
 AUTO_JACOBIAN_SAMPLES = 32

@@ -61,7 +61,7 @@ class KWNGInfo(NamedTuple):
 
 
 class Preconditioner(NamedTuple):
-  r"""What one step of KWNG builds before it sees g or :math:`\epsilon`.
+  r"""What one step of KWNG builds from the samples, before it sees :math:`\epsilon`.
 
   Attributes:
     whitened_rows: the M rows of the whitened factor :math:`\tilde T`, a
