@@ -162,13 +162,17 @@ def from_vjp_with_pullback(
     *,
     key: jax.Array,
     diagonal_average: probes.DiagonalAverage | None = None,
+    direct_grads: PyTree | None = None,
 ) -> tuple[Preconditioner, PyTree]:
   r"""The preconditioner, and :math:`J^\top` ``loss_cotangent``, in one backward pass.
 
   The loss cotangent (the gradient of the loss in the samples) is stacked
   with the M kernel cotangents of T, so that the gradient that reaches the
   params through the samples costs no backward pass of its own. The whole
-  batch only: ``vjp_fn`` is that of all the samples, in their dtype.
+  batch only: ``vjp_fn`` is that of all the samples, in their dtype. With
+  ``direct_grads`` (the loss's gradient in the params outside the samples),
+  the preconditioner holds :math:`\tilde T D g` for
+  :math:`g = J^\top` ``loss_cotangent`` + ``direct_grads``.
   """
   samples = outputs_lib.as_samples(samples)
   jacobian_like = jax.ShapeDtypeStruct(samples.shape, samples.dtype)
@@ -176,6 +180,7 @@ def from_vjp_with_pullback(
       samples, vjp_fn, opts, key=key, basis_indices=None, basis_coords=None,
       jacobian_like=jacobian_like, num_rows=samples.shape[0],
       loss_cotangent=loss_cotangent, diagonal_average=diagonal_average,
+      direct_grads=direct_grads,
   )
 
 
@@ -192,6 +197,7 @@ def from_vjp(
     loss_cotangent: jax.Array | None = None,
     diagonal_average: probes.DiagonalAverage | None = None,
     grads: PyTree | None = None,
+    direct_grads: PyTree | None = None,
 ) -> tuple[Preconditioner, PyTree | None]:
   """The preconditioner from checked samples and the VJP of their first rows.
 
@@ -204,7 +210,9 @@ def from_vjp(
   ``probes.AVERAGED_PROBES`` probes update it and the damping uses the
   average, which the preconditioner returns in its ``diagonal_average``.
   With ``grads`` (shaped like the params), the Gram's pass over the rows
-  gives :math:`\tilde T D g` too, in ``gradient_products``.
+  gives :math:`\tilde T D g` too, in ``gradient_products``; with
+  ``loss_cotangent`` and ``direct_grads``, g is the loss cotangent's
+  pullback plus ``direct_grads``.
   """
   _warn_if_independent_of_params(vjp_fn, jacobian_like)
   points_matrix = factors.as_sample_matrix(samples)
@@ -285,6 +293,8 @@ def from_vjp(
       leaf.dtype for leaf in jax.tree.leaves(pulled[0])))
   whitened_rows = [jax.tree.map(lambda t: t.astype(factor_dtype), row) for row in pulled[0]]
   loss_pullback = pulled[-1][0] if loss_cotangent is not None else None
+  if loss_pullback is not None and direct_grads is not None:
+    grads = jax.tree.map(lambda a, b: a + b, loss_pullback, direct_grads)
   squared_norms = solve.column_squared_norms(whitened_rows)
   if opts.damping == 'safe':
     damping_diag, unseen = solve.safe_damping(squared_norms)

@@ -139,7 +139,9 @@ def value_grad_and_update(
     preconditioner, through_samples = from_vjp.from_vjp_with_pullback(
         samples, vjp_fn, stacking.options, loss_cotangent,
         key=from_vjp.basis_key(stacking.seed, count),
-        diagonal_average=otu.tree_get(opt_state, 'kwng_metric_diagonal'))
+        diagonal_average=otu.tree_get(opt_state, 'kwng_metric_diagonal'),
+        # The grads below: the KWNG step comes first in tx and sees them.
+        direct_grads=direct)
     extra['preconditioner'] = preconditioner
   grads = jax.tree.map(lambda a, b: a + b, through_samples, direct)
   updates, opt_state = optax.with_extra_args_support(tx).update(
