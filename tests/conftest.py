@@ -78,6 +78,26 @@ def mlp_params(key, dims=(3, 5, 4), dtype=jax.numpy.float32):
 
 
 @pytest.fixture
+def solved_products(monkeypatch):
+  """Records, for each call of solve.damped_natural_gradient, the
+  ``gradient_products`` it got, T̃ D g recomputed from its rows, damping and
+  grads, and those grads."""
+  import kwng_jax  # pylint: disable=g-import-not-at-top
+  jnp = jax.numpy
+  received = []
+  solve_fn = kwng_jax.solve.damped_natural_gradient
+
+  def spy(g, rows, damping, gram, epsilon, unseen=None, *, gradient_products=None):
+    want = jnp.stack([sum(jnp.vdot(r, d * x) for r, d, x in zip(
+        jax.tree.leaves(row), jax.tree.leaves(damping), jax.tree.leaves(g))) for row in rows])
+    received.append((gradient_products, want, g))
+    return solve_fn(g, rows, damping, gram, epsilon, unseen, gradient_products=gradient_products)
+
+  monkeypatch.setattr(kwng_jax.solve, 'damped_natural_gradient', spy)
+  return received
+
+
+@pytest.fixture
 def mlp_problem():
   """(params, outputs_fn, grads) of a small MLP regression, in float32."""
   key = jax.random.key(0)
