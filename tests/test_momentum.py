@@ -132,3 +132,24 @@ def test_no_momentum_is_the_single_step_rule():
   updates, state = single.update(grads, single.init(params), params, outputs_fn=outputs_fn)
   np.testing.assert_allclose(updates, -0.3 * expected, rtol=1e-6)
   assert optax.tree_utils.tree_get(state, 'momentum') is None
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_a_donated_step_stores_the_momentum_in_place(nesterov):
+  """A jitted step with its state donated compiles without a copy of the
+  momentum: nothing reads m_{t-1} after the new momentum is stored over it."""
+  x = jax.random.normal(jax.random.key(0), (32, 24))
+  outputs_fn = lambda p: jnp.tanh(x @ p['w1']) @ p['w2']  # noqa: E731
+  params = {'w1': 0.1 * jnp.ones((24, 48)), 'w2': 0.1 * jnp.ones((48, 4))}
+  opt = kwng_jax.kwng(nesterov=nesterov)
+
+  def step(params, state):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(outputs_fn(p) ** 2))(params)
+    updates, state = opt.update(grads, state, params, outputs_fn=outputs_fn, value=loss)
+    return optax.apply_updates(params, updates), state
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params)).compile().as_text()
+  copies = [line for line in hlo.splitlines()
+            if ' copy(' in line and 'momentum__' in line]
+  assert 'momentum__' in hlo
+  assert not copies, copies
