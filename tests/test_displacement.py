@@ -103,6 +103,41 @@ def test_half_precision_large_updates_do_not_overflow_the_jvp():
   np.testing.assert_allclose(displacement, reference, rtol=2e-2)
 
 
+@pytest.mark.parametrize('dtype, passes_over_u', [(jnp.float32, 0), (jnp.bfloat16, 0),
+                                                   (jnp.float16, 1)])
+def test_only_a_narrow_dtype_scales_the_tangent_first(dtype, passes_over_u):
+  """In float32's range J u cannot overflow before Δ does: no max over u
+  precedes the JVP. float16 params get the tangent over its largest entry."""
+  # Widths that no other array of the computation has (entry_scale stacks
+  # one maximum per leaf: 4 of them).
+  params = mlp_params(jax.random.key(0), dims=(3, 6, 5), dtype=dtype)
+  inputs = jax.random.normal(jax.random.key(1), (64, 3), dtype)
+  outputs_fn = lambda p: mlp_apply(p, inputs.astype(p['w1'].dtype))  # noqa: E731
+  updates = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=dtype)).reshape(p.shape),
+                         params)
+  shapes = {tuple(p.shape) for p in jax.tree.leaves(params)}
+
+  def max_reductions_over_u(jaxpr):
+    count = 0
+    for eqn in jaxpr.eqns:
+      count += (eqn.primitive.name == 'reduce_max'
+                and tuple(eqn.invars[0].aval.shape) in shapes)
+      for value in eqn.params.values():
+        sub = getattr(value, 'jaxpr', value)
+        if hasattr(sub, 'eqns'):
+          count += max_reductions_over_u(sub)
+    return count
+
+  jaxpr = jax.make_jaxpr(
+      lambda p, u: kwng_jax.sample_displacement(outputs_fn, p, u))(params, updates).jaxpr
+  assert max_reductions_over_u(jaxpr) == passes_over_u * len(params)
+  reference = kwng_jax.sample_displacement(
+      outputs_fn, *jax.tree.map(lambda x: x.astype(jnp.float32), (params, updates)))
+  np.testing.assert_allclose(
+      float(kwng_jax.sample_displacement(outputs_fn, params, updates)), float(reference),
+      rtol=2e-2)
+
+
 def test_vmap_over_problems_equals_a_loop():
   params, outputs_fn, updates = problem()
   stacked = jax.tree.map(lambda u: jnp.stack([u, 10 * u, 0.01 * u]), updates)

@@ -83,16 +83,25 @@ def displacement_along(
     move: Callable[[PyTree], jax.Array], params: PyTree, updates: PyTree
 ) -> jax.Array:
   r""":math:`\Delta(u)` given ``move``, the linear map :math:`u \mapsto J u`."""
-  # The tangent is u over its largest entry, so that the product J u can
-  # neither overflow nor underflow in the params' dtype (float16); the
-  # factor is put back in at least float32.
-  update_scale = clipping.entry_scale(updates)
-  dtype = update_scale.dtype
-  tangent = jax.tree.map(
-      lambda u, p: (jnp.asarray(u).astype(dtype) / update_scale).astype(
-          jnp.asarray(p).dtype),
-      updates, params,
-  )
+  # Where the params' dtype has a narrower range than float32 or than the
+  # update's (float16), the tangent is u over its largest entry, so that
+  # neither u in that dtype nor the product J u can overflow or underflow;
+  # the factor is put back in at least float32. In float32's range that
+  # pass over u, on the step's critical path, buys nothing: a J u that
+  # overflows float32 gives a Delta past float32's range too.
+  if _fits_tangent_dtype(updates, params):
+    update_scale = None
+    tangent = jax.tree.map(lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype),
+                           updates, params)
+    dtype = solve.at_least_float32(*(jnp.asarray(u).dtype for u in jax.tree.leaves(updates)))
+  else:
+    update_scale = clipping.entry_scale(updates)
+    dtype = update_scale.dtype
+    tangent = jax.tree.map(
+        lambda u, p: (jnp.asarray(u).astype(dtype) / update_scale).astype(
+            jnp.asarray(p).dtype),
+        updates, params,
+    )
   moved = jnp.asarray(move(tangent))
   dtype = solve.at_least_float32(moved.dtype, dtype)
   moved = moved.astype(dtype).reshape(moved.shape[0], -1)
@@ -100,8 +109,25 @@ def displacement_along(
   # nor underflows whatever the units of the samples.
   move_scale = clipping.entry_scale(moved)
   mean_square = jnp.mean(jnp.sum(jnp.square(moved / move_scale), axis=1))
-  displacement = update_scale.astype(dtype) * move_scale * jnp.sqrt(mean_square)
+  displacement = move_scale * jnp.sqrt(mean_square)
+  if update_scale is not None:
+    displacement = update_scale.astype(dtype) * displacement
   return displacement.astype(solve.small_matrix_dtype())
+
+
+def _fits_tangent_dtype(updates: PyTree, params: PyTree) -> bool:
+  """Whether every leaf of u and of the params has float32's exponent range
+  or more, and the param's dtype at least the update's."""
+  float32_range = jnp.finfo(jnp.float32).maxexp
+
+  def fits(u, p):
+    u_dtype, p_dtype = jnp.asarray(u).dtype, jnp.asarray(p).dtype
+    if not (jnp.issubdtype(u_dtype, jnp.floating) and jnp.issubdtype(p_dtype, jnp.floating)):
+      return False
+    p_range = jnp.finfo(p_dtype).maxexp
+    return p_range >= float32_range and p_range >= jnp.finfo(u_dtype).maxexp
+
+  return all(jax.tree.leaves(jax.tree.map(fits, updates, params)))
 
 
 class ScaleByDisplacementState(NamedTuple):
