@@ -252,6 +252,24 @@ def test_metric_diagonal_damping_gives_no_curvature_to_a_column_t_sees():
   np.testing.assert_allclose(curvature['w'], [0.0, 0.0, 2.0])
 
 
+def test_metric_diagonal_damping_of_a_total_and_its_divisor_is_that_of_the_quotient():
+  """An average's total and weight give the D and v of total / weight: floored
+  entries, unseen ones and probe-cancelled ones included."""
+  total = {'kernel': jnp.array([[3.0, 1e-8], [1e-6, 2e-8], [0.0, 0.0]]),
+           'bias': jnp.array([0.7, 0.0])}
+  squared_norms = {'kernel': jnp.full((3, 2), 2.0).at[2].set(0.0),
+                   'bias': jnp.array([1.0, 3.0])}
+  weight = jnp.asarray(0.271, jnp.float32)
+  damping, curvature = probes.metric_diagonal_damping(total, squared_norms, divisor=weight)
+  want_damping, want_curvature = probes.metric_diagonal_damping(
+      jax.tree.map(lambda t: t / weight, total), squared_norms)
+  for got, want in [(damping, want_damping), (curvature, want_curvature)]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  # Not the D of the total itself.
+  assert not np.allclose(damping['kernel'], probes.metric_diagonal_damping(
+      total, squared_norms)[0]['kernel'])
+
+
 def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():
   """A barely moved entry of a kernel gets at least 1e-2 of its unit's mean; vectors are not floored."""
   # Column 0: mean 1, so 1e-6 is floored to 1e-2 (the zero stays unseen);

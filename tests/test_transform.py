@@ -82,6 +82,20 @@ def test_metric_diagonal_damping_uses_the_state_average(mlp_problem):
   assert float(new_state.kwng_metric_diagonal.weight) > float(state.kwng_metric_diagonal.weight)
 
 
+def test_the_damping_is_that_of_the_debiased_average(mlp_problem):
+  """The D a step builds is metric_diagonal_damping of total / weight (after
+  one step the weight is 0.1, so the total alone gives a D ten times smaller)."""
+  params, outputs_fn, loss_fn = mlp_problem
+  opt = kwng_jax.scale_by_kwng(num_basis=5, damping='metric_diagonal', update_every=2)
+  _, state, _ = run_steps(opt, params, outputs_fn, loss_fn, 1)
+  stored, average = state.kwng_preconditioner, state.kwng_metric_diagonal
+  np.testing.assert_allclose(average.weight, 0.1, rtol=1e-6)
+  want, _ = kwng_jax.probes.metric_diagonal_damping(
+      jax.tree.map(lambda t: t / average.weight, average.total),
+      kwng_jax.solve.column_squared_norms(stored.whitened_rows))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), stored.damping, want)
+
+
 @pytest.mark.parametrize('damping', ['reference', 'safe'])
 def test_step_with_products_from_the_gram_equals_the_two_pass_solve(mlp_problem, damping):
   """A step that builds its own preconditioner gets T̃ D g from the Gram's

@@ -300,10 +300,14 @@ def from_vjp(
     damping_diag, unseen = solve.safe_damping(squared_norms)
   elif num_probes:
     metric_diagonal = probes.mean_square(pulled[1])
-    if diagonal_average is not None:
-      diagonal_average, metric_diagonal = probes.averaged_diagonal(
-          diagonal_average, metric_diagonal)
-    damping_diag, unseen = probes.metric_diagonal_damping(metric_diagonal, squared_norms)
+    if diagonal_average is None:
+      damping_diag, unseen = probes.metric_diagonal_damping(metric_diagonal, squared_norms)
+    else:
+      # The damping of the debiased average total / weight, from the total
+      # (the quotient, unused, is never computed under jit).
+      diagonal_average, _ = probes.averaged_diagonal(diagonal_average, metric_diagonal)
+      damping_diag, unseen = probes.metric_diagonal_damping(
+          diagonal_average.total, squared_norms, divisor=diagonal_average.weight)
   else:
     damping_diag, unseen = solve.damping_diagonal(squared_norms, opts.damping), None
   grads_structure: Any = jax.tree.structure(grads)
