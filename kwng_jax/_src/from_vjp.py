@@ -315,11 +315,11 @@ def from_vjp(
     grads = None  # apply_preconditioner explains the mismatch.
   # Everything the solve needs besides the Gram is computed before its
   # loops start. XLA:CPU runs independent operations at once only as far as
-  # a buffer assignment made for one sequential order allows; that order
-  # put the reductions of v between the two leaves' Gram loops, and the
-  # second loop waited for them while a core idled (670k-parameter MLP,
-  # M = 5, on 2 cores: 10.7 against 11.0 ms per step; digits CNN 4.10
-  # against 4.27 ms).
+  # a buffer assignment made for one sequential order allows; the order it
+  # chooses without the barrier leaves a core idle longer around the loops
+  # (670k-parameter MLP, M = 5, on 2 cores: 10.7 against 11.0 ms per step;
+  # digits CNN 4.10 against 4.27 ms; a barrier without v, or v computed
+  # after the Gram, gained less).
   whitened_rows, damping_diag, grads, unseen = jax.lax.optimization_barrier(
       (whitened_rows, damping_diag, grads, unseen))
   with jax.default_matmul_precision(FULL_PRECISION):
