@@ -188,15 +188,16 @@ def test_default_state_stores_no_factors(mlp_problem):
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_state_size_matches_the_formula(dtype):
   """update_every > 1 stores T̃ (M×P) and D (P) in at least float32, the
-  M×M matrix T̃DT̃ᵀ, and five scalars; the default state is 28 bytes."""
+  M×M matrix T̃DT̃ᵀ, and five scalars; the default state is 32 bytes."""
   num_basis = 5
   params = mlp_params(jax.random.key(0), dims=(7, 6, 3), dtype=dtype)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   assert num_params == 7 * 6 + 6 + 6 * 3 + 3
   small = kwng_jax.scale_by_kwng(num_basis).init(params)
   # count, epsilon and its setting (int32, float32, float32); info:
-  # bandwidth, rank, alignment (4 bytes each), and four bool flags.
-  assert tree_nbytes(small) == 4 + 4 + 4 + 3 * 4 + 4
+  # bandwidth, rank, alignment, squared gradient norm (4 bytes each), and
+  # four bool flags.
+  assert tree_nbytes(small) == 4 + 4 + 4 + 4 * 4 + 4
   stored = kwng_jax.scale_by_kwng(num_basis, update_every=4).init(params)
   factor_bytes = 4  # float32 even for bfloat16 params
   # T̃ and D, the M×M matrix, bandwidth and rank, and three bool flags.

@@ -197,3 +197,18 @@ def test_identical_samples_give_a_finite_direction(damping):
       grads, outputs_fn, params, key=jax.random.key(0), damping=damping)
   assert bool(jnp.all(jnp.isfinite(direction['bias'])))
   assert bool(info.alignment > 0) and not bool(info.fallback)
+
+
+def test_info_holds_the_alignment_and_the_squared_gradient_norm(mlp_problem):
+  """Both sums come from one pass: <g, ĝ> and <g, g>, each over every leaf."""
+  params, outputs_fn, loss_fn = mlp_problem
+  grads = jax.grad(loss_fn)(params)
+  direction, info = kwng_jax.natural_gradient(
+      grads, outputs_fn, params, key=jax.random.key(0), num_basis=5)
+
+  def vdot(a, b):
+    return sum(float(jnp.vdot(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  np.testing.assert_allclose(float(info.alignment), vdot(grads, direction), rtol=1e-5)
+  np.testing.assert_allclose(float(info.squared_gradient_norm), vdot(grads, grads), rtol=1e-5)
+  assert vdot(grads, grads) != vdot(grads, direction)

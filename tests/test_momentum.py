@@ -153,3 +153,35 @@ def test_a_donated_step_stores_the_momentum_in_place(nesterov):
             if ' copy(' in line and 'momentum__' in line]
   assert 'momentum__' in hlo
   assert not copies, copies
+
+
+@pytest.mark.parametrize('case', ['kwng', 'fallback', 'unusable'])
+def test_the_step_product_read_from_the_state_equals_the_sum_over_the_step(mlp_problem, case):
+  """<g, s> of the capped KWNG step from KWNG's alignment and the cap's
+  factor: for ĝ, for a step that fell back to g (ĝ not finite), and 0 for a
+  step zeroed because g is not finite."""
+  params, outputs_fn, loss_fn = mlp_problem
+  inner = optax.chain(kwng_jax.scale_by_kwng(num_basis=5),
+                      kwng_jax.scale_by_displacement(1e-3))
+  grads = jax.grad(loss_fn)(params)
+  extra_args = {}
+  if case == 'fallback':
+    preconditioner = kwng_jax.build_preconditioner(
+        outputs_fn, params, key=jax.random.key(0), num_basis=5, damping='metric_diagonal')
+    damping = {**preconditioner.damping, 'w1': preconditioner.damping['w1'].at[0, 0].set(jnp.inf)}
+    extra_args = {'preconditioner': preconditioner._replace(damping=damping)}
+  if case == 'unusable':
+    grads = {**grads, 'b1': grads['b1'].at[0].set(jnp.nan)}
+  steps, state = inner.update(grads, inner.init(params), params, outputs_fn=outputs_fn,
+                              **extra_args)
+  info = state[0].kwng_info
+  assert bool(info.finite_inputs) == (case != 'unusable')
+  assert bool(info.fallback) == (case != 'kwng')
+  product = momentum_lib.capped_kwng_step_product(state)
+  if case == 'unusable':
+    assert float(product) == 0.0
+    return
+  assert float(state[1].displacement_scale) < 1  # the cap binds
+  want = sum(float(jnp.vdot(g, s)) for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(steps)))
+  assert want > 0
+  np.testing.assert_allclose(float(product), want, rtol=1e-5)

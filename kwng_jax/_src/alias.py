@@ -173,7 +173,9 @@ def kwng(
     options.check_momentum(momentum)
     # On the capped steps: the raw directions (up to 1/epsilon on the
     # estimate's null space) would swamp an average taken before the cap.
-    step = momentum_lib.restarted_momentum(step, momentum, nesterov=nesterov)
+    step = momentum_lib.restarted_momentum(
+        step, momentum, nesterov=nesterov,
+        gradient_step_product=momentum_lib.capped_kwng_step_product)
   steps = [step, optax.scale_by_learning_rate(learning_rate)]
   chain = optax.chain(*steps)
   if adaptive:

@@ -180,7 +180,7 @@ def apply_preconditioner(
         preconditioner.unseen,
         preconditioner.gradient_products,
     )
-  alignment = sharding.tree_vdot(grads, direction)
+  alignment, squared_gradient_norm = sharding.tree_vdot_and_square(grads, direction)
   finite_grads = _sum_is_finite(grads)
   # With g finite, <g, ĝ> is finite exactly when ĝ is (an Inf or NaN entry
   # of ĝ makes it Inf or NaN, 0 · Inf included), unless it overflows: no
@@ -195,6 +195,7 @@ def apply_preconditioner(
       depends_on_params=preconditioner.depends_on_params,
       valid_hyperparameters=preconditioner.valid_hyperparameters
       & options_lib.traced_options_valid(epsilon=epsilon),
+      squared_gradient_norm=squared_gradient_norm,
   )
   return direction, info
 

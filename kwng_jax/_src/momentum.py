@@ -31,6 +31,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -72,6 +73,7 @@ def restarted_momentum(
     decay: float | jax.Array,
     *,
     nesterov: bool = False,
+    gradient_step_product: Callable[[Any], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Heavy-ball momentum on ``inner``'s updates, restarted when it turns uphill.
 
@@ -86,6 +88,9 @@ def restarted_momentum(
     inner: the transformation whose updates are averaged.
     decay: :math:`\beta \in [0, 1)`.
     nesterov: use Nesterov's momentum.
+    gradient_step_product: ``inner_state -> <g, s_t>``, read from
+      ``inner``'s new state (:func:`capped_kwng_step_product`); None sums
+      the products over the leaves.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -112,8 +117,11 @@ def restarted_momentum(
       usable = info.finite_inputs & info.valid_hyperparameters
     else:
       usable = jnp.isfinite(sharding.tree_vdot(updates, updates))
-    restart = (sharding.tree_vdot(updates, state.momentum)
-               < -RESTART_RATIO * sharding.tree_vdot(updates, steps))
+    if gradient_step_product is None:
+      step_product = sharding.tree_vdot(updates, steps)
+    else:
+      step_product = gradient_step_product(inner_state)
+    restart = sharding.tree_vdot(updates, state.momentum) < -RESTART_RATIO * step_product
 
     def accumulate(s, m):
       return ((1 - decay) * s + decay * jnp.where(restart, jnp.zeros_like(m), m)).astype(m.dtype)
@@ -140,3 +148,21 @@ def restarted_momentum(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def capped_kwng_step_product(inner_state: Any) -> jax.Array:
+  r""":math:`\langle g, s_t\rangle` of :func:`kwng_jax.kwng`'s capped step, from its state.
+
+  The step of ``chain(scale_by_kwng, scale_by_displacement(mode='cap'))``
+  is the cap's factor times :math:`\hat g`, or times g where KWNG fell
+  back to it, or zero where its inputs were unusable; KWNG's diagnostics
+  hold :math:`\langle g, \hat g\rangle` and :math:`\langle g, g\rangle`.
+  So the restart test costs no pass over the step, which would sit between
+  the displacement's JVP and the update (670k-parameter MLP, M = 5, on 2
+  cores: 0.17 ± 0.05 ms less per step, paired over 15 rounds).
+  """
+  info = otu.tree_get(inner_state, 'kwng_info')
+  cap = otu.tree_get(inner_state, 'displacement_scale')
+  usable = info.finite_inputs & info.valid_hyperparameters
+  direction_product = jnp.where(info.fallback, info.squared_gradient_norm, info.alignment)
+  return jnp.where(usable, cap.astype(jnp.float32) * direction_product, 0.0)

@@ -36,6 +36,10 @@ class KWNGInfo(NamedTuple):
       value (:math:`\\epsilon`, ridge, bandwidth, rcond, a pinned basis;
       e.g. through ``optax.inject_hyperparams``) was out of range; the
       update of :func:`kwng_jax.scale_by_kwng` is then zero.
+    squared_gradient_norm: :math:`\\langle g, g\\rangle`, from the same pass
+      over g as ``alignment``: with the two, the product of g with the
+      update of :func:`kwng_jax.scale_by_kwng` (:math:`\\hat g`, or g on a
+      fallback) is known without another pass.
   """
 
   bandwidth: jax.Array
@@ -45,6 +49,7 @@ class KWNGInfo(NamedTuple):
   finite_inputs: jax.Array
   depends_on_params: jax.Array
   valid_hyperparameters: jax.Array
+  squared_gradient_norm: jax.Array
 
   @classmethod
   def empty(cls) -> 'KWNGInfo':
@@ -57,6 +62,7 @@ class KWNGInfo(NamedTuple):
         finite_inputs=jnp.ones((), jnp.bool_),
         depends_on_params=jnp.ones((), jnp.bool_),
         valid_hyperparameters=jnp.ones((), jnp.bool_),
+        squared_gradient_norm=jnp.zeros((), jnp.float32),
     )
 
 
