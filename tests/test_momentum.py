@@ -185,3 +185,48 @@ def test_the_step_product_read_from_the_state_equals_the_sum_over_the_step(mlp_p
   want = sum(float(jnp.vdot(g, s)) for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(steps)))
   assert want > 0
   np.testing.assert_allclose(float(product), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_the_state_records_the_product_of_the_gradient_and_the_update(nesterov):
+  """<g_t, u_t> from the restart test's two products, through a restart
+  and through a step zeroed for a NaN gradient."""
+  inner = optax.with_extra_args_support(optax.scale(0.5))
+  opt = momentum_lib.restarted_momentum(inner, 0.9, nesterov=nesterov)
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  update = jax.jit(lambda g, s: opt.update(g, s, params))
+  restarts = 0
+  # The third gradient turns against the momentum: a restart.
+  for g in [[1.0, 0.0], [1.0, 1.0], [-0.1, 0.0], [0.5, 2.0]]:
+    g = jnp.asarray(g, jnp.float32)
+    u, state = update(g, state)
+    np.testing.assert_allclose(float(state.momentum_gradient_product), float(jnp.vdot(g, u)),
+                               rtol=1e-6)
+    restarts = int(state.momentum_restarts)
+  assert restarts == 1
+
+
+@pytest.mark.parametrize('momentum, learning_rate', [
+    (0.9, 0.5), (None, 0.5), (0.9, optax.linear_schedule(0.5, 0.1, 4))])
+def test_kwng_predicts_the_decrease_of_its_update_from_the_state(momentum, learning_rate):
+  """adaptive_damping's -<g, u>, read from the chain's state, is the sum
+  over the update, with or without momentum, at a scheduled learning rate."""
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  outputs_fn = lambda p: jnp.tanh(x @ p)  # noqa: E731
+  loss_fn = lambda p: jnp.mean((outputs_fn(p) - 0.5) ** 2)  # noqa: E731
+  opt = kwng_jax.kwng(learning_rate, momentum=momentum)
+  params = 0.1 * jnp.ones((3, 2))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return opt.update(grads, state, params, outputs_fn=outputs_fn, value=loss)
+
+  for _ in range(3):
+    grads = jax.grad(loss_fn)(params)
+    updates, state = step(params, state)
+    np.testing.assert_allclose(float(state.damping_predicted_decrease),
+                               -float(jnp.vdot(grads, updates)), rtol=1e-5)
+    params = params + updates

@@ -26,6 +26,7 @@ such a step counts as failed, so :math:`\epsilon` grows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -72,6 +73,7 @@ def adaptive_damping(
     upper_ratio: float = 0.75,
     min_epsilon: float = 1e-10,
     max_epsilon: float = 1e5,
+    predicted_decrease: Callable[[Any, jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adapts the :math:`\epsilon` of the KWNG transform inside ``inner``.
 
@@ -93,6 +95,10 @@ def adaptive_damping(
     upper_ratio: threshold above which :math:`\epsilon` shrinks.
     min_epsilon: lower bound of :math:`\epsilon`.
     max_epsilon: upper bound of :math:`\epsilon`.
+    predicted_decrease: ``(inner_state, count) -> -<g, u>``, the predicted
+      decrease read from ``inner``'s new state at the count-th update, for
+      a chain that records it (:func:`kwng_jax.kwng` passes one); None sums
+      :math:`-\langle g, u\rangle` over the leaves.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -195,13 +201,16 @@ def adaptive_damping(
     new_updates, inner_state = inner.update(
         updates, inner_state, params, value=value, **extra_args
     )
-    # sharding.tree_vdot, unlike jnp.vdot, accepts FSDP-sharded leaves.
-    predicted_decrease = -sharding.tree_vdot(updates, new_updates)
+    if predicted_decrease is None:
+      # sharding.tree_vdot, unlike jnp.vdot, accepts FSDP-sharded leaves.
+      decrease = -sharding.tree_vdot(updates, new_updates)
+    else:
+      decrease = jnp.asarray(predicted_decrease(inner_state, state.damping_count), jnp.float32)
     return new_updates, AdaptiveDampingState(
         inner_state=inner_state,
         damping_count=count,
         damping_previous_loss=loss,
-        damping_predicted_decrease=predicted_decrease,
+        damping_predicted_decrease=decrease,
         damping_best_ratio=best,
     )
 

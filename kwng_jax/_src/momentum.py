@@ -61,11 +61,15 @@ class RestartedMomentumState(NamedTuple):
     inner_state: the state of the wrapped transformation.
     momentum: :math:`m_{t-1}`, shaped like the updates.
     momentum_restarts: how many times the momentum was dropped (int32).
+    momentum_gradient_product: :math:`\\langle g_t, u_t\\rangle` of the last
+      update :math:`u_t` and the gradient passed with it (float32), from
+      the restart test's two products: no pass over the update.
   """
 
   inner_state: Any
   momentum: PyTree
   momentum_restarts: jax.Array
+  momentum_gradient_product: jax.Array
 
 
 def restarted_momentum(
@@ -102,6 +106,7 @@ def restarted_momentum(
         inner_state=inner.init(params),
         momentum=otu.tree_zeros_like(params),
         momentum_restarts=jnp.zeros((), jnp.int32),
+        momentum_gradient_product=jnp.zeros((), jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -121,7 +126,13 @@ def restarted_momentum(
       step_product = sharding.tree_vdot(updates, steps)
     else:
       step_product = gradient_step_product(inner_state)
-    restart = sharding.tree_vdot(updates, state.momentum) < -RESTART_RATIO * step_product
+    momentum_product = sharding.tree_vdot(updates, state.momentum)
+    restart = momentum_product < -RESTART_RATIO * step_product
+    # <g, m_t> and <g, u_t> by linearity, from the two products.
+    new_momentum_product = (1 - decay) * step_product + decay * jnp.where(
+        restart, 0.0, momentum_product)
+    update_product = ((1 - decay) * step_product + decay * new_momentum_product
+                      if nesterov else new_momentum_product)
 
     def accumulate(s, m):
       return ((1 - decay) * s + decay * jnp.where(restart, jnp.zeros_like(m), m)).astype(m.dtype)
@@ -144,6 +155,7 @@ def restarted_momentum(
             inner_state=inner_state,
             momentum=momentum,
             momentum_restarts=state.momentum_restarts + (usable & restart).astype(jnp.int32),
+            momentum_gradient_product=jnp.where(usable, update_product, 0.0).astype(jnp.float32),
         ),
     )
 
