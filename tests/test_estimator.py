@@ -200,7 +200,7 @@ def test_identical_samples_give_a_finite_direction(damping):
 
 
 def test_info_holds_the_alignment_and_the_squared_gradient_norm(mlp_problem):
-  """Both sums come from one pass: <g, ĝ> and <g, g>, each over every leaf."""
+  """<g, ĝ> and <g, g>, each summed over every leaf."""
   params, outputs_fn, loss_fn = mlp_problem
   grads = jax.grad(loss_fn)(params)
   direction, info = kwng_jax.natural_gradient(

@@ -36,10 +36,10 @@ class KWNGInfo(NamedTuple):
       value (:math:`\\epsilon`, ridge, bandwidth, rcond, a pinned basis;
       e.g. through ``optax.inject_hyperparams``) was out of range; the
       update of :func:`kwng_jax.scale_by_kwng` is then zero.
-    squared_gradient_norm: :math:`\\langle g, g\\rangle`, from the same pass
-      over g as ``alignment``: with the two, the product of g with the
-      update of :func:`kwng_jax.scale_by_kwng` (:math:`\\hat g`, or g on a
-      fallback) is known without another pass.
+    squared_gradient_norm: :math:`\\langle g, g\\rangle`: with ``alignment``,
+      the product of g with the update of :func:`kwng_jax.scale_by_kwng`
+      (:math:`\\hat g`, or g on a fallback) is known without a pass over
+      that update.
   """
 
   bandwidth: jax.Array

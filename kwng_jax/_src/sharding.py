@@ -109,27 +109,3 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   )
   return sum(jax.tree.leaves(products), jnp.zeros((), dtype)).astype(jnp.float32)
 
-
-def tree_vdot_and_square(a: PyTree, b: PyTree) -> tuple[jax.Array, jax.Array]:
-  """:math:`(\\langle a, b\\rangle, \\langle a, a\\rangle)` in one pass over the leaves.
-
-  As :func:`tree_vdot`, each a float32 scalar; both sums come from one
-  reduction per leaf, which reads a once.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from kwng_jax._src import sharding
-    >>> product, square = sharding.tree_vdot_and_square(
-    ...     {'a': jnp.array([1.0, 2.0])}, {'a': jnp.array([3.0, 4.0])})
-    >>> float(product), float(square)
-    (11.0, 5.0)
-  """
-  dtype = solve.at_least_float32(*(x.dtype for x in jax.tree.leaves((a, b))))
-
-  def sums(x, y):
-    x = x.astype(dtype)
-    return jnp.sum(x[None] * jnp.stack([y.astype(dtype), x]), axis=tuple(range(1, x.ndim + 1)))
-
-  total = sum(jax.tree.leaves(jax.tree.map(sums, a, b)), jnp.zeros((2,), dtype))
-  total = total.astype(jnp.float32)
-  return total[0], total[1]
