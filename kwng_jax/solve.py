@@ -238,8 +238,10 @@ def safe_damping(squared_norms: PyTree) -> tuple[PyTree, PyTree]:
   return damping, unseen
 
 
-def mean_over_support(values: PyTree, support: PyTree) -> jax.Array:
-  """The mean of ``values`` over the entries where ``support`` is positive; 1 if there are none.
+def mean_over_support(
+    values: PyTree, support: PyTree, default: float | jax.Array = 1.0
+) -> jax.Array:
+  """The mean of ``values`` over the entries where ``support`` is positive; ``default`` if there are none.
 
   ``support`` is nonnegative, and ``values`` is zero wherever it is zero (a
   zero column of J gives zero column norms and a zero metric diagonal), so
@@ -250,8 +252,8 @@ def mean_over_support(values: PyTree, support: PyTree) -> jax.Array:
       jnp.add, [_count_positive(s).astype(total.dtype) for s in jax.tree.leaves(support)])
   mean = total / jnp.maximum(count, 1)
   # A NaN makes the sum (and below 2^24 entries the count) NaN: the mean
-  # is then NaN, not 1.
-  return jnp.where(count == 0, 1.0, mean).astype(total.dtype)
+  # is then NaN, not the default.
+  return jnp.where(count == 0, jnp.asarray(default).astype(total.dtype), mean).astype(total.dtype)
 
 
 def _count_positive(nonnegative: jax.Array) -> jax.Array:

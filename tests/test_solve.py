@@ -268,6 +268,10 @@ def test_metric_diagonal_damping_of_a_total_and_its_divisor_is_that_of_the_quoti
   # Not the D of the total itself.
   assert not np.allclose(damping['kernel'], probes.metric_diagonal_damping(
       total, squared_norms)[0]['kernel'])
+  # Nothing seen: D = 1, as for the quotient, not w.
+  zeros = jax.tree.map(jnp.zeros_like, total)
+  damping, _ = probes.metric_diagonal_damping(zeros, zeros, divisor=weight)
+  jax.tree.map(lambda d: np.testing.assert_allclose(d, 1.0, rtol=1e-6), damping)
 
 
 def test_metric_diagonal_is_floored_per_unit_and_keeps_its_zeros():

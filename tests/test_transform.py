@@ -336,3 +336,18 @@ def test_too_many_basis_points_fail_at_trace_time(mlp_problem):
   grads = jax.grad(loss_fn)(params)
   with pytest.raises(ValueError, match=r'num_basis=64.*N=32'):
     jax.jit(functools.partial(opt.update, outputs_fn=outputs_fn))(grads, opt.init(params), params)
+
+
+def test_samples_independent_of_the_params_give_the_damped_gradient_at_every_step():
+  """No parameter seen: D = 1 and the step is g / (1 + eps), from the
+  first step on (when the running average's weight is 0.1)."""
+  params = {'w': jnp.ones((3, 2))}
+  outputs_fn = lambda p: jnp.ones((16, 2))  # noqa: E731
+  opt = kwng_jax.scale_by_kwng(num_basis=3, epsilon=1.0, damping='metric_diagonal')
+  state = opt.init(params)
+  grads = {'w': jnp.arange(6.0).reshape(3, 2)}
+  update = jax.jit(functools.partial(opt.update, outputs_fn=outputs_fn))
+  with pytest.warns(RuntimeWarning, match='do not depend on params'):
+    for _ in range(2):
+      direction, state = update(grads, state, params)
+      np.testing.assert_allclose(direction['w'], grads['w'] / 2.0, rtol=1e-6)
