@@ -181,3 +181,17 @@ def test_bad_arguments_are_named():
   opt = kwng_jax.scale_by_displacement()
   with pytest.raises(ValueError, match='outputs_fn'):
     opt.update(updates, opt.init(params), params)
+
+
+def test_an_update_whose_jvp_overflows_is_not_taken_unscaled():
+  """u = 2e36 through saturated tanh units: the hidden tangent overflows
+  float32 and 0 * inf gives a NaN Δ. The step becomes zero, not u."""
+  x = 10.0 * jax.random.normal(jax.random.key(0), (16, 64))
+  params = {'w1': jnp.ones((64, 8)), 'w2': jnp.ones((8, 3))}
+  outputs_fn = lambda p: jnp.tanh(x @ p['w1']) @ p['w2']  # noqa: E731
+  updates = jax.tree.map(lambda p: jnp.full_like(p, 2e36), params)
+  assert bool(jnp.isnan(kwng_jax.sample_displacement(outputs_fn, params, updates)))
+  cap = kwng_jax.scale_by_displacement(1.0)
+  scaled, state = cap.update(updates, cap.init(params), params, outputs_fn=outputs_fn)
+  assert float(state.displacement_scale) == 0.0
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(scaled))

@@ -87,8 +87,11 @@ def displacement_along(
   # update's (float16), the tangent is u over its largest entry, so that
   # neither u in that dtype nor the product J u can overflow or underflow;
   # the factor is put back in at least float32. In float32's range that
-  # pass over u, on the step's critical path, buys nothing: a J u that
-  # overflows float32 gives a Delta past float32's range too.
+  # pass over u sits on the step's critical path (0.2 ms of the
+  # 670k-parameter MLP's): there a J u that overflows (in the samples or
+  # inside the JVP) makes Delta infinite or NaN, and scale_by_displacement
+  # then scales the step to zero, where the scaled tangent gave a factor
+  # below 1e-30.
   if _fits_tangent_dtype(updates, params):
     update_scale = None
     tangent = jax.tree.map(lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype),
@@ -160,8 +163,9 @@ def scale_by_displacement(
     samples by :math:`r`.
 
   An update that does not move the samples (:math:`\Delta(u) = 0`) passes
-  unchanged; no division by zero happens. Chain a learning rate (or a
-  schedule) after it to scale the displacement:
+  unchanged; no division by zero happens. An update whose :math:`\Delta`
+  is NaN (J u overflowed, or the samples are not finite) becomes zero.
+  Chain a learning rate (or a schedule) after it to scale the displacement:
   ``optax.chain(..., scale_by_displacement(1.0), optax.scale_by_learning_rate(lr))``
   moves the samples by at most ``lr``.
 
@@ -240,6 +244,9 @@ def scale_by_displacement(
     if mode == 'cap':
       ratio = jnp.minimum(ratio, 1.0)
     scale = jnp.where(moves, ratio, 1.0)
+    # A NaN Delta (J u overflowed, or the samples are not finite) measures
+    # nothing: no step, rather than the step unscaled.
+    scale = jnp.where(jnp.isnan(displacement), 0.0, scale)
     # Scaled in at least float32: a float16 update times a small factor
     # would otherwise flush to zero before the cast.
     updates = jax.tree.map(
