@@ -155,17 +155,19 @@ def test_a_donated_step_stores_the_momentum_in_place(nesterov):
   assert not copies, copies
 
 
-@pytest.mark.parametrize('case', ['kwng', 'fallback', 'unusable'])
+@pytest.mark.parametrize('case', ['kwng', 'fallback', 'large fallback', 'unusable'])
 def test_the_step_product_read_from_the_state_equals_the_sum_over_the_step(mlp_problem, case):
   """<g, s> of the capped KWNG step from KWNG's alignment and the cap's
-  factor: for ĝ, for a step that fell back to g (ĝ not finite), and 0 for a
-  step zeroed because g is not finite."""
+  factor: for ĝ, for a step that fell back to g (ĝ not finite), also with
+  |g|^2 near 1e30, and 0 for a step zeroed because g is not finite."""
   params, outputs_fn, loss_fn = mlp_problem
   inner = optax.chain(kwng_jax.scale_by_kwng(num_basis=5),
                       kwng_jax.scale_by_displacement(1e-3))
   grads = jax.grad(loss_fn)(params)
+  if case == 'large fallback':
+    grads = jax.tree.map(lambda g: 1e15 * g, grads)
   extra_args = {}
-  if case == 'fallback':
+  if case.endswith('fallback'):
     preconditioner = kwng_jax.build_preconditioner(
         outputs_fn, params, key=jax.random.key(0), num_basis=5, damping='metric_diagonal')
     damping = {**preconditioner.damping, 'w1': preconditioner.damping['w1'].at[0, 0].set(jnp.inf)}
@@ -182,7 +184,8 @@ def test_the_step_product_read_from_the_state_equals_the_sum_over_the_step(mlp_p
     assert float(product) == 0.0
     return
   assert float(state[1].displacement_scale) < 1  # the cap binds
-  want = sum(float(jnp.vdot(g, s)) for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(steps)))
+  want = sum(float(np.vdot(np.float64(g), np.float64(s)))
+             for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(steps)))
   assert want > 0
   np.testing.assert_allclose(float(product), want, rtol=1e-5)
 

@@ -181,8 +181,10 @@ def apply_preconditioner(
         preconditioner.gradient_products,
     )
   alignment = sharding.tree_vdot(grads, direction)
-  # Two reductions, not one over a stack of [ĝ, g]: XLA:CPU writes the stack
-  # out (the published chain on the 670k-parameter MLP: 0.5 ms a step).
+  # A reduction of its own, not one over a stack of [ĝ, g]: XLA:CPU writes
+  # the stack out (the published chain on the 670k-parameter MLP: 0.5 ms a
+  # step). Summed plainly: an overflow-safe norm (divided by the largest
+  # entry first) cost 0.56 ms of that step, for |g| beyond 1.8e19.
   squared_gradient_norm = sharding.tree_vdot(grads, grads)
   finite_grads = _sum_is_finite(grads)
   # With g finite, <g, ĝ> is finite exactly when ĝ is (an Inf or NaN entry

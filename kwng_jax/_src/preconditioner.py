@@ -36,10 +36,11 @@ class KWNGInfo(NamedTuple):
       value (:math:`\\epsilon`, ridge, bandwidth, rcond, a pinned basis;
       e.g. through ``optax.inject_hyperparams``) was out of range; the
       update of :func:`kwng_jax.scale_by_kwng` is then zero.
-    squared_gradient_norm: :math:`\\langle g, g\\rangle`: with ``alignment``,
-      the product of g with the update of :func:`kwng_jax.scale_by_kwng`
-      (:math:`\\hat g`, or g on a fallback) is known without a pass over
-      that update.
+    squared_gradient_norm: :math:`\\langle g, g\\rangle` (infinite beyond
+      float32's range, :math:`\\|g\\| > 1.8 \\cdot 10^{19}`): with
+      ``alignment``, the product of g with the update of
+      :func:`kwng_jax.scale_by_kwng` (:math:`\\hat g`, or g on a fallback) is
+      known without a pass over that update.
   """
 
   bandwidth: jax.Array
