@@ -210,15 +210,17 @@ def test_the_state_records_the_product_of_the_gradient_and_the_update(nesterov):
   assert restarts == 1
 
 
-@pytest.mark.parametrize('momentum, learning_rate', [
-    (0.9, 0.5), (None, 0.5), (0.9, optax.linear_schedule(0.5, 0.1, 4))])
-def test_kwng_predicts_the_decrease_of_its_update_from_the_state(momentum, learning_rate):
+@pytest.mark.parametrize('momentum, nesterov, learning_rate', [
+    (0.9, False, 0.5), (0.9, True, 0.5), (None, False, 0.5),
+    (0.9, False, optax.linear_schedule(0.5, 0.1, 4))])
+def test_kwng_predicts_the_decrease_of_its_update_from_the_state(momentum, nesterov,
+                                                                 learning_rate):
   """adaptive_damping's -<g, u>, read from the chain's state, is the sum
   over the update, with or without momentum, at a scheduled learning rate."""
   x = jax.random.normal(jax.random.key(0), (32, 3))
   outputs_fn = lambda p: jnp.tanh(x @ p)  # noqa: E731
   loss_fn = lambda p: jnp.mean((outputs_fn(p) - 0.5) ** 2)  # noqa: E731
-  opt = kwng_jax.kwng(learning_rate, momentum=momentum)
+  opt = kwng_jax.kwng(learning_rate, momentum=momentum, nesterov=nesterov)
   params = 0.1 * jnp.ones((3, 2))
   state = opt.init(params)
 

@@ -21,7 +21,10 @@ is exactly :math:`\mathrm{lr}\,\langle g, \hat g\rangle` for the published
 chain (SGD after clipping) and the right first-order prediction for any
 other chain. No learning rate has to be passed twice. With momentum after
 the direction, :math:`u` can point uphill (:math:`\langle g, u\rangle > 0`);
-such a step counts as failed, so :math:`\epsilon` grows.
+such a step counts as failed, so :math:`\epsilon` grows. A chain that
+records :math:`\langle g, u\rangle` in its state can hand it over instead
+(``predicted_decrease``), which saves the pass over u at the end of the
+step; :func:`kwng_jax.kwng` does.
 """
 
 from __future__ import annotations

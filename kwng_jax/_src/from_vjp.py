@@ -304,7 +304,7 @@ def from_vjp(
       damping_diag, unseen = probes.metric_diagonal_damping(metric_diagonal, squared_norms)
     else:
       # The damping of the debiased average total / weight, from the total
-      # (the quotient, unused, is never computed under jit).
+      # (the quotient is unused: under jit, XLA drops it).
       diagonal_average, _ = probes.averaged_diagonal(diagonal_average, metric_diagonal)
       damping_diag, unseen = probes.metric_diagonal_damping(
           diagonal_average.total, squared_norms, divisor=diagonal_average.weight)
