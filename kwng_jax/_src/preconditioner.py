@@ -52,6 +52,12 @@ class KWNGInfo(NamedTuple):
   valid_hyperparameters: jax.Array
   squared_gradient_norm: jax.Array
 
+  @property
+  def usable(self) -> jax.Array:
+    """Whether the inputs were finite and the traced hyperparameters in
+    range; where not, the update of :func:`kwng_jax.scale_by_kwng` is zero."""
+    return self.finite_inputs & self.valid_hyperparameters
+
   @classmethod
   def empty(cls) -> 'KWNGInfo':
     """Placeholder diagnostics, for an optimizer state before any step."""

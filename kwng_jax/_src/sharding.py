@@ -108,4 +108,3 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
       lambda x, y: jnp.sum(x.astype(dtype) * y.astype(dtype)), a, b
   )
   return sum(jax.tree.leaves(products), jnp.zeros((), dtype)).astype(jnp.float32)
-

@@ -336,11 +336,9 @@ def safe_direction(
   hyperparameter was out of range.
   """
   # With finite inputs, g is finite, and so is ĝ unless the fallback fired.
-  usable = info.finite_inputs & info.valid_hyperparameters
-
   def select(g, d):
     chosen = jnp.where(info.fallback, g, d)
-    return jnp.where(usable, chosen, jnp.zeros_like(chosen))
+    return jnp.where(info.usable, chosen, jnp.zeros_like(chosen))
 
   return jax.tree.map(select, grads, direction)
 
