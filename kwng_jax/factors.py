@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from kwng_jax import kernels as kernels_lib
 from kwng_jax._src import sharding
+from kwng_jax._src import threefry
 
 PyTree = Any
 
@@ -74,7 +75,7 @@ def select_basis(
     ((5,), (5,))
   """
   check_num_basis(num_basis, num_samples)
-  words = jax.random.bits(key, (num_samples + num_basis,), jnp.uint32)
+  words = threefry.random_words(key, num_samples + num_basis)
   return basis_from_bits(words, num_samples, dim)
 
 

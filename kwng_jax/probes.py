@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from kwng_jax import solve
 from kwng_jax._src import sharding
+from kwng_jax._src import threefry
 
 PyTree = Any
 
@@ -137,7 +138,7 @@ def probe_cotangents(
   Returns:
     Shape ``(K, *samples_shape)``.
   """
-  words = jax.random.bits(key, (probe_words(num_probes, num_rows, samples_shape),), jnp.uint32)
+  words = threefry.random_words(key, probe_words(num_probes, num_rows, samples_shape))
   return probe_cotangents_from_bits(words, num_probes, num_rows, samples_shape, samples_dtype)
 
 

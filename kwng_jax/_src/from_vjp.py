@@ -27,6 +27,7 @@ from kwng_jax import solve
 from kwng_jax._src import options as options_lib
 from kwng_jax._src import outputs as outputs_lib
 from kwng_jax._src import sharding
+from kwng_jax._src import threefry
 from kwng_jax._src.preconditioner import Preconditioner
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ FULL_PRECISION = 'highest'
 
 def basis_key(seed: int | jax.Array, count: jax.Array) -> jax.Array:
   """The PRNG key of the basis that a transformation draws at step ``count``."""
-  return jax.random.fold_in(jax.random.key(seed), count)
+  return threefry.fold_in(jax.random.key(seed), count)
 
 
 def probe_key(key: jax.Array | None) -> jax.Array:
@@ -58,7 +59,7 @@ def probe_key(key: jax.Array | None) -> jax.Array:
   """
   if key is None:
     return jax.random.key(0)
-  return jax.random.fold_in(key, 1)
+  return threefry.fold_in(key, 1)
 
 
 def preconditioner_from_vjp(
@@ -240,8 +241,7 @@ def from_vjp(
       )
     # The basis and the probes from one random draw: on CPU each draw is a
     # loop of its own.
-    words = jax.random.bits(
-        key, (num_samples + opts.num_basis + num_probe_words,), jnp.uint32)
+    words = threefry.random_words(key, num_samples + opts.num_basis + num_probe_words)
     basis_indices, basis_coords = factors.basis_from_bits(
         words[:num_samples + opts.num_basis], num_samples, dim)
     probe_bits = words[num_samples + opts.num_basis:]
@@ -279,7 +279,7 @@ def from_vjp(
   if num_probes:
     # The probes ride in the same backward pass as T, on the same rows.
     if probe_bits is None:
-      probe_bits = jax.random.bits(probe_key(key), (num_probe_words,), jnp.uint32)
+      probe_bits = threefry.random_words(probe_key(key), num_probe_words)
     probe_rows = probes.probe_cotangents_from_bits(
         probe_bits, num_probes, num_rows, jacobian_like.shape, jacobian_like.dtype)
     groups.append(sharding.like(probe_rows, groups[0]))
