@@ -276,6 +276,13 @@ def _count_positive(nonnegative: jax.Array) -> jax.Array:
 #: M = 20, 30 against 16 ms).
 GRAM_BLOCK_COLUMNS = 8192
 
+#: From this many rows on, each loop iteration of :func:`damped_gram` takes
+#: two blocks, one from each half of the leaf. The products are then large
+#: enough that two independent ones per iteration pay (670k-parameter MLP on 2 cores, per
+#: step: M = 20, 5.2 ± 1.4 ms less; M = 10, 0.9 ± 0.6 ms less; M = 5, where
+#: they are small, 0.3 ± 0.2 ms more).
+GRAM_PAIRED_MIN_ROWS = 11
+
 
 def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
   r""":math:`\tilde T D \tilde T^\top = F F^\top`, the M×M matrix of the Woodbury solve.
@@ -285,7 +292,8 @@ def damped_gram(whitened_rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
   its columns: a block of :math:`\tilde T`'s M rows is sliced, scaled by
   :math:`D^{1/2}` and multiplied by its transpose while it is in cache. On
   CPU a block holds :data:`GRAM_BLOCK_COLUMNS` columns and a
-  ``jax.lax.fori_loop`` runs over them; a leaf of fewer than two blocks,
+  ``jax.lax.fori_loop`` runs over them (two blocks an iteration from
+  :data:`GRAM_PAIRED_MIN_ROWS` rows on); a leaf of fewer than two blocks,
   and on accelerators every leaf, is one block. Stacking the M rows of a
   wide leaf into one M×P array first costs far more than the product (a
   784×512 leaf, M = 20, on 2 cores: the stack, the product and the solve
@@ -347,10 +355,22 @@ def _blocked_gram(rows: Sequence[PyTree], damping: PyTree) -> jax.Array:
     if _one_block(size):
       return block_gram(0, size)
     num_blocks = size // GRAM_BLOCK_COLUMNS
-    rest = block_gram(num_blocks * GRAM_BLOCK_COLUMNS, size - num_blocks * GRAM_BLOCK_COLUMNS)
-    return jax.lax.fori_loop(
-        0, num_blocks,
-        lambda i, total: total + block_gram(i * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS), rest)
+    if len(leaf_rows) < GRAM_PAIRED_MIN_ROWS:
+      rest = block_gram(num_blocks * GRAM_BLOCK_COLUMNS, size - num_blocks * GRAM_BLOCK_COLUMNS)
+      return jax.lax.fori_loop(
+          0, num_blocks,
+          lambda i, total: total + block_gram(i * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS), rest)
+    half = num_blocks // 2
+    # The columns past the last whole pair of blocks.
+    rest = block_gram(2 * half * GRAM_BLOCK_COLUMNS, size - 2 * half * GRAM_BLOCK_COLUMNS)
+
+    def pair(i, total):
+      # Two independent products per iteration, one from each half of the
+      # leaf, where one loop of single products left a core idle longer.
+      return (total + block_gram(i * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS)
+              + block_gram((i + half) * GRAM_BLOCK_COLUMNS, GRAM_BLOCK_COLUMNS))
+
+    return jax.lax.fori_loop(0, half, pair, rest)
 
   return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(gram, damping, *rows)))
 
