@@ -38,7 +38,7 @@ from kwng_jax._src.stacking import value_grad_and_update
 from kwng_jax._src.transform import scale_by_kwng
 from kwng_jax._src.transform import ScaleByKWNGState
 
-__version__ = '0.11.0'
+__version__ = '0.12.0'
 
 __all__ = [
     'AdaptiveDampingState',
