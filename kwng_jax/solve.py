@@ -279,8 +279,10 @@ GRAM_BLOCK_COLUMNS = 8192
 #: From this many rows on, each loop iteration of :func:`damped_gram` takes
 #: two blocks, one from each half of the leaf. The products are then large
 #: enough that two independent ones per iteration pay (670k-parameter MLP
-#: on 2 cores, per step: M = 20, 5.2 ± 1.4 ms less; M = 10, 0.9 ± 0.6 ms
-#: less; M = 5, where they are small, 0.3 ± 0.2 ms more).
+#: on 2 cores, per step, with M + 1 rows: T̃'s and g's): M = 20, 5.2 ± 1.4
+#: ms less; M = 10, 0.9 ± 0.6 ms less; M = 5, where they are small,
+#: 0.3 ± 0.2 ms more. 11 is the smallest row count measured to gain; none
+#: between 6 and 11 was measured.
 GRAM_PAIRED_MIN_ROWS = 11
 
 

@@ -127,12 +127,13 @@ def test_unknown_damping_is_named():
 
 
 @pytest.mark.parametrize('num_rows', [5, solve.GRAM_PAIRED_MIN_ROWS])
-@pytest.mark.parametrize('columns', [300 * 7, 5 * solve.GRAM_BLOCK_COLUMNS + 3,
+@pytest.mark.parametrize('columns', [300 * 7, 5 * solve.GRAM_BLOCK_COLUMNS + 4,
                                      14 * solve.GRAM_BLOCK_COLUMNS])
 def test_damped_gram_equals_float64_product(num_rows, columns):
   """T̃ D T̃ᵀ from the rows; the wide leaf is summed block by block on CPU
-  (an odd number of blocks and a partial one, or an even number and none;
-  with many rows, two blocks an iteration)."""
+  (5 blocks and 4 columns, or 14 blocks and none; with many rows, two
+  blocks an iteration)."""
+  assert columns % 7 == 0  # The leaf is (columns // 7, 7).
   key_t, key_d = jax.random.split(jax.random.key(0))
   whitened = {'w': jax.random.normal(key_t, (num_rows, columns // 7, 7)),
               'b': jax.random.normal(key_d, (num_rows, 7))}

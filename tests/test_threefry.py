@@ -45,11 +45,21 @@ def test_fold_in_is_that_of_jax_random(partitionable, kind):
     np.testing.assert_array_equal(key_words(folded), key_words(jax.random.fold_in(key, 77)))
 
 
-def test_a_step_key_and_its_words_compile_without_a_loop_on_cpu():
+def test_a_batch_of_keys_or_of_data_gets_jax_randoms_error():
+  keys = jax.random.split(jax.random.key(0), 2)
+  with pytest.raises(ValueError, match='single key'):
+    threefry.random_words(keys, 4)
+  with pytest.raises(TypeError, match='scalar'):
+    threefry.fold_in(jax.random.key(0), jnp.arange(2, dtype=jnp.uint32))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='jax.random loops only on CPU')
+@pytest.mark.parametrize('make_key', [jax.random.key, jax.random.PRNGKey])
+def test_a_step_key_and_its_words_compile_without_a_loop_on_cpu(make_key):
   """The reason for the module: jax.random lowers Threefry to a loop on CPU."""
 
   def draw(count, fold_in, words):
-    return words(fold_in(jax.random.key(0), count), 153)
+    return words(fold_in(make_key(0), count), 153)
 
   def hlo(fold_in, words):
     lowered = jax.jit(lambda c: draw(c, fold_in, words)).lower(jnp.int32(3))

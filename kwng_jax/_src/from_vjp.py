@@ -239,8 +239,8 @@ def from_vjp(
           'KWNG draws a random basis: pass key=jax.random.key(...), or pin the '
           'basis with basis_indices and basis_coords.'
       )
-    # The basis and the probes from one random draw: on CPU each draw is a
-    # loop of its own.
+    # The basis and the probes from one random draw: one hash kernel
+    # rather than two.
     words = threefry.random_words(key, num_samples + opts.num_basis + num_probe_words)
     basis_indices, basis_coords = factors.basis_from_bits(
         words[:num_samples + opts.num_basis], num_samples, dim)

@@ -1,15 +1,17 @@
 """``jax.random.bits`` and ``jax.random.fold_in`` of Threefry keys, unrolled.
 
-On CPU, JAX lowers the Threefry-2x32 hash to a loop of five iterations (to
-keep the compile time of large random draws down). KWNG's draws are small
+On CPU, JAX lowers the Threefry-2x32 hash to a loop of five iterations.
+KWNG's draws are small
 (N + M + a few dozen words a step, after folding the step count into the
 key), so the loops cost more than their arithmetic: the fold and the draw
 alone took 24 μs (dispatch included) and 0.18 s to compile on a 2-core
 CPU. Written out in ``jnp``, each hash's 20 rounds fuse into one
 elementwise kernel: 6 μs and 0.09 s. In the digits MLP's step that is
 0.06 ms less. The results are bit for bit those of ``jax.random`` (under
-either value of ``jax_threefry_partitionable``), so seeds keep their
-meaning; keys of other implementations go to ``jax.random``.
+either value of ``jax_threefry_partitionable``, for draws of fewer than
+2^32 words), so seeds keep their meaning. Keys of other implementations,
+batches of keys, larger draws and non-scalar data go to ``jax.random``,
+which also raises its own errors for them.
 
 References:
   Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3",
@@ -25,7 +27,9 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = _U32(0x1BD11BDA)
 
 
-def _threefry_2x32(key_words: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _threefry_2x32(
+    key_words: jax.Array, x0: jax.Array, x1: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The Threefry-2x32 hash (20 rounds) of the counters ``(x0, x1)``."""
   k0, k1 = key_words[0], key_words[1]
   schedule = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
@@ -40,9 +44,9 @@ def _threefry_2x32(key_words: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[
 
 
 def _threefry_key_words(key: jax.Array) -> jax.Array | None:
-  """A Threefry key's two uint32 words, or None for a key of another implementation."""
+  """A single Threefry key's two uint32 words; None for anything else."""
   typed = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-  if str(jax.random.key_impl(typed)) != 'threefry2x32':
+  if typed.shape or str(jax.random.key_impl(typed)) != 'threefry2x32':
     return None
   return jax.random.key_data(typed)
 
@@ -50,7 +54,7 @@ def _threefry_key_words(key: jax.Array) -> jax.Array | None:
 def random_words(key: jax.Array, num_words: int) -> jax.Array:
   """``jax.random.bits(key, (num_words,), jnp.uint32)``, as one fused kernel for Threefry keys."""
   key_words = _threefry_key_words(key)
-  if key_words is None:
+  if key_words is None or num_words >= 2**32:
     return jax.random.bits(key, (num_words,), jnp.uint32)
   counters = jnp.arange(num_words, dtype=jnp.uint32)
   if jax.config.jax_threefry_partitionable:
@@ -68,7 +72,7 @@ def random_words(key: jax.Array, num_words: int) -> jax.Array:
 def fold_in(key: jax.Array, data: int | jax.Array) -> jax.Array:
   """``jax.random.fold_in(key, data)``, as one fused kernel for Threefry keys."""
   key_words = _threefry_key_words(key)
-  if key_words is None:
+  if key_words is None or np.ndim(data):
     return jax.random.fold_in(key, data)
   # fold_in hashes the 64-bit seed of ``data``: high word 0, low word data.
   low = jnp.uint32(data)[None]
