@@ -57,7 +57,7 @@ def random_words(key: jax.Array, num_words: int) -> jax.Array:
   if key_words is None or num_words >= 2**32:
     return jax.random.bits(key, (num_words,), jnp.uint32)
   counters = jnp.arange(num_words, dtype=jnp.uint32)
-  if jax.config.jax_threefry_partitionable:
+  if jax.threefry_partitionable.value:
     # The counter of word i is the 64-bit integer i: high word 0, low word i.
     high, low = _threefry_2x32(key_words, jnp.zeros_like(counters), counters)
     return high ^ low
