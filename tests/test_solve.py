@@ -146,6 +146,20 @@ def test_damped_gram_equals_float64_product(num_rows, columns):
   np.testing.assert_allclose(np.asarray(gram), expected, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the blocked loop runs on CPU only')
+@pytest.mark.parametrize('num_rows', [solve.GRAM_PAIRED_MIN_ROWS - 1, solve.GRAM_PAIRED_MIN_ROWS])
+def test_damped_gram_takes_two_blocks_an_iteration_from_the_row_threshold(num_rows):
+  """Below GRAM_PAIRED_MIN_ROWS one product per loop iteration, from it on two."""
+  columns = 4 * solve.GRAM_BLOCK_COLUMNS
+  rows = [jnp.ones(columns) for _ in range(num_rows)]
+  jaxpr = jax.make_jaxpr(solve.damped_gram)(rows, jnp.ones(columns))
+  # fori_loop with static bounds traces to a scan.
+  (loop,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ('scan', 'while')]
+  body = loop.params['jaxpr' if loop.primitive.name == 'scan' else 'body_jaxpr'].jaxpr
+  products = [e for e in body.eqns if e.primitive.name == 'dot_general']
+  assert len(products) == (2 if num_rows >= solve.GRAM_PAIRED_MIN_ROWS else 1)
+
+
 def test_damped_natural_gradient_is_the_damped_metric_inverse():
   """The Woodbury solve on the rows of T̃ equals (T̃ᵀT̃ + diag(v) + εD⁻¹)⁻¹ g
   in float64, unseen columns (zero in T̃, v > 0) included."""
