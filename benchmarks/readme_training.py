@@ -429,3 +429,32 @@ def amortization_page(path: pathlib.Path = RESULTS / 'amortization' / 'amortizat
                    f"{stats['median']:.3g} | {stats['median_cosine']:.3f} | {stats['count']} |")
   lines += ['', f"![amortization]({_link(path.parent / 'amortization.png')})", '']
   return lines
+
+
+def compile_cache_page(path: pathlib.Path = RESULTS / 'compile_cache' / 'compile_cache.json'
+                       ) -> list[str]:
+  """Compile time in a fresh process: no cache, a cold and a warm persistent cache."""
+  payload = json.loads(path.read_text())
+  device = payload['device']
+  settings = list(next(iter(payload['models'][0]['optimizers'].values()))['settings'])
+  lines = ['### Compile time and the persistent cache', '',
+           '`benchmarks/compile_cache.py`: the jitted step of the step-time page, built in a '
+           'fresh Python process, timed from tracing to the compiled executable (tracing and '
+           'lowering, then `compile()`), without JAX\'s persistent compilation cache, with an '
+           'empty one (the compile writes the entry) and with the one a previous process '
+           'filled. Median over '
+           f"{payload['config']['repeats']} repeats; × SGD: over SGD's step in the same setting. "
+           f"{_device_name(device)}, jax {device['jax_version']} ([JSON]({_link(path)})).", '',
+           '| model | optimizer | ' + ' | '.join(f'{s} (s)' for s in settings)
+           + ' | warm: tracing + lowering (s) | warm process read the cache |',
+           '|---|---|' + '---|' * len(settings) + '---|---|']
+  for record in payload['models']:
+    for name, entry in record['optimizers'].items():
+      cells = [f"{s['median_total_seconds']:.2f} ({s['total_ratio_to_sgd']:.1f}×)"
+               for s in entry['settings'].values()]
+      warm = entry['settings']['warm cache']
+      lines.append(f"| {record['model']} | {name} | {' | '.join(cells)} | "
+                   f"{warm['median_lower_seconds']:.2f} | "
+                   f"{'yes' if all(warm['cache_hit']) else 'no'} |")
+  lines += ['', f"![compile time]({_link(path.parent / 'compile_cache.png')})", '']
+  return lines

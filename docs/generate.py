@@ -109,8 +109,9 @@ def benchmark_pages() -> list[str]:
   speeds = sorted((RESULTS / 'speed').glob('speed_*.json'))
   text = training.render([], speeds)
   lines = [line for line in text.splitlines() if not line.startswith('Reproduce:')]
+  lines += training.compile_cache_page()
   _write('speed', 'Step time', lines, '`python benchmarks/speed.py`; on a GPU, '
-         '`bash benchmarks/gpu_speed.sh`.')
+         '`bash benchmarks/gpu_speed.sh`; `python benchmarks/compile_cache.py`.')
   names.append('speed')
 
   _write('amortization', 'Amortizing the cost: measurements',

@@ -296,3 +296,32 @@ def test_fused_forward_quick_agrees_with_two_passes(bench, tmp_path):
   assert set(variants) == {'sgd', 'two_pass', 'fused', 'stacked'}
   assert variants['fused']['relative_difference_to_two_pass'] < 1e-5
   assert variants['stacked']['relative_difference_to_two_pass'] < 1e-3
+
+
+def test_compile_cache_quick_reads_the_kwng_step_back(bench, tmp_path, monkeypatch):
+  """A second process reads the recommended KWNG step from JAX's persistent
+  cache (its HLO is the same from process to process) and the step runs."""
+  # Children read JAX options from the environment: skip XLA's optimizations.
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  compile_cache = bench('compile_cache')
+  compile_cache.main(['--quick', '--out', str(tmp_path)])
+
+  payload = json.loads((tmp_path / 'compile_cache.json').read_text())
+  (record,) = payload['models']
+  assert record['model'] == 'mlp' and list(record['optimizers']) == ['SGD', 'KWNG M=5']
+  for entry in record['optimizers'].values():
+    settings = entry['settings']
+    assert list(settings) == ['no cache', 'cold cache', 'warm cache']
+    assert settings['no cache']['cache_hit'] == [False]
+    assert settings['cold cache']['cache_hit'] == [False]
+    assert settings['warm cache']['cache_hit'] == [True]
+    for setting in settings.values():
+      assert all(_finite(s) and s > 0 for s in setting['lower_seconds'] + setting['compile_seconds'])
+      assert setting['median_total_seconds'] == pytest.approx(
+          setting['median_lower_seconds'] + setting['median_compile_seconds'], rel=1e-4)
+  assert record['optimizers']['SGD']['settings']['warm cache']['total_ratio_to_sgd'] == 1.0
+  assert min(_image_size(tmp_path / 'compile_cache.png')) > 200
+
+  markdown = '\n'.join(bench('readme_training').compile_cache_page(
+      tmp_path / 'compile_cache.json'))
+  assert '| mlp | KWNG M=5 |' in markdown and markdown.count(' | yes |') == 2
