@@ -26,7 +26,7 @@ cache (JAX's ``/jax/compilation_cache/cache_hits`` event), so a run whose
 in turn, ``--repeats`` times, each repeat with a new directory, and the
 median per setting is reported, with the ratio to SGD's in the same setting.
 
-Run ``python benchmarks/compile_cache.py`` (about 3 minutes on two CPU
+Run ``python benchmarks/compile_cache.py`` (about 4 minutes on two CPU
 cores, mostly process start-up and the cold compiles; ``--quick`` for a
 smoke run). Writes ``compile_cache.json`` and ``compile_cache.png`` under
 ``benchmarks/results/compile_cache/`` (or ``--out``).
