@@ -131,9 +131,10 @@ def plot(payload: dict[str, Any], path: pathlib.Path) -> None:
       xs = np.arange(len(names)) + (k - 1) * width
       settings = [record['optimizers'][n]['settings'][setting_name] for n in names]
       lower = [s['median_lower_seconds'] for s in settings]
-      compile_ = [s['median_compile_seconds'] for s in settings]
+      # The bar's top is the median total (not the sum of the two medians).
+      rest = [s['median_total_seconds'] - low for s, low in zip(settings, lower)]
       ax.bar(xs, lower, width, color=colors[setting_name], alpha=0.45)
-      ax.bar(xs, compile_, width, bottom=lower, color=colors[setting_name], label=setting_name)
+      ax.bar(xs, rest, width, bottom=lower, color=colors[setting_name], label=setting_name)
       for x, s in zip(xs, settings):
         ax.text(x, s['median_total_seconds'] * 1.02, f"{s['median_total_seconds']:.2f}",
                 ha='center', va='bottom', fontsize=6)

@@ -316,7 +316,8 @@ def test_compile_cache_quick_reads_the_kwng_step_back(bench, tmp_path, monkeypat
     assert settings['cold cache']['cache_hit'] == [False]
     assert settings['warm cache']['cache_hit'] == [True]
     for setting in settings.values():
-      assert all(_finite(s) and s > 0 for s in setting['lower_seconds'] + setting['compile_seconds'])
+      seconds = setting['lower_seconds'] + setting['compile_seconds']
+      assert all(_finite(s) and s > 0 for s in seconds)
       assert setting['median_total_seconds'] == pytest.approx(
           setting['median_lower_seconds'] + setting['median_compile_seconds'], rel=1e-4)
   assert record['optimizers']['SGD']['settings']['warm cache']['total_ratio_to_sgd'] == 1.0

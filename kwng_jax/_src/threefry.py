@@ -4,9 +4,9 @@ On CPU, JAX lowers the Threefry-2x32 hash to a loop of five iterations.
 KWNG's draws are small (N + M + a few dozen words a step, after folding
 the step count into the key), so the loops cost more than their
 arithmetic: the fold and the draw alone took 24 μs (dispatch included)
-and 0.18 s to compile on a 2-core CPU. Written out in ``jnp``, each hash's 20 rounds fuse into one
-elementwise kernel: 6 μs and 0.09 s. In the digits MLP's step that is
-0.06 ms less. The results are bit for bit those of ``jax.random`` (under
+and 0.18 s to compile on a 2-core CPU. Written out in ``jnp``, each
+hash's 20 rounds fuse into one elementwise kernel: 6 μs and 0.09 s. In
+the digits MLP's step that is 0.06 ms less. The results are bit for bit those of ``jax.random`` (under
 either value of ``jax_threefry_partitionable``, for draws of fewer than
 2^32 words), so seeds keep their meaning. Keys of other implementations,
 batches of keys, larger draws and non-scalar data go to ``jax.random``,
